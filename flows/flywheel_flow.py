@@ -1,0 +1,61 @@
+"""Prefect flows over the library: one task per stage, a flow per iteration, a parent flow for the whole run.
+
+No logic lives here. The registry decides what is already done (each library stage skips finished work), so Prefect
+caching is off: re-running the flow, in this process or a new one, is what resumes a run.
+"""
+
+from __future__ import annotations
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+
+from flywheel import bootstrap, dpo, generate, judge, pairs, runs, self_instruct
+from flywheel.config import FlywheelConfig
+
+
+def _task(fn, name: str):
+    return task(fn, name=name, cache_policy=NO_CACHE)
+
+
+seeds_task = _task(bootstrap.import_seeds, "seeds")
+base_task = _task(bootstrap.build_base, "base-model")
+sft_task = _task(bootstrap.train_sft, "sft-M1")
+self_instruct_task = _task(self_instruct.self_instruct, "self-instruct")
+generate_task = _task(generate.generate, "generate")
+judge_task = _task(judge.judge, "judge")
+pairs_task = _task(pairs.build_pairs, "pairs")
+dpo_task = _task(dpo.train_dpo, "dpo")
+
+
+@flow(name="flywheel-iteration", flow_run_name="iteration-{iteration}")
+def iteration_flow(cfg: FlywheelConfig, run_id: str, iteration: int, model_id: str, seeds_sid: str,
+                   earlier_prompt_sids: list[str]) -> dict:
+    """M_t -> M_{t+1}: self-instruct, generate, judge, pairs, DPO."""
+    runs.start_iteration(cfg, run_id, iteration, model_id)
+    prompts = self_instruct_task(cfg, run_id, iteration, model_id, seeds_sid, earlier_prompt_sids)
+    candidates = generate_task(cfg, run_id, iteration, model_id, prompts.stage_run_id)
+    judged = judge_task(cfg, run_id, iteration, model_id, candidates.stage_run_id)
+    pair_set = pairs_task(cfg, run_id, iteration, judged.stage_run_id)
+    trained = dpo_task(cfg, run_id, iteration, model_id, pair_set.stage_run_id)
+    runs.finish_iteration(cfg, run_id, iteration, trained.stats["model_id"])
+    return {"model_id": trained.stats["model_id"], "prompts_sid": prompts.stage_run_id}
+
+
+@flow(name="flywheel")
+def flywheel_flow(cfg: FlywheelConfig) -> str:
+    """Seeds -> PT -> M1, then `run.iterations` iterations: M1 -> M2 -> ... Returns the run id."""
+    run_id = runs.start_run(cfg)
+    try:
+        seeds = seeds_task(cfg, run_id)
+        base = base_task(cfg, run_id, seeds.stage_run_id)
+        model_id = sft_task(cfg, run_id, base.stats["model_id"], seeds.stage_run_id).stats["model_id"]
+        earlier: list[str] = []
+        for t in range(1, cfg.run.iterations + 1):
+            out = iteration_flow(cfg, run_id, t, model_id, seeds.stage_run_id, earlier)
+            model_id = out["model_id"]
+            earlier.append(out["prompts_sid"])
+    except BaseException:
+        runs.finish_run(cfg, run_id, "failed")
+        raise
+    runs.finish_run(cfg, run_id, "done")
+    return run_id

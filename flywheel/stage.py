@@ -1,0 +1,82 @@
+"""The one shape every stage has: a key from its inputs, a ledger row, work that skips what is already done.
+
+    result = run_stage(cfg, "generate", run_id, iteration, model_id, inputs={...}, work=fn)
+
+`inputs` holds everything that determines the stage's output (upstream stage ids, model id, the stage's own config
+section, template hashes). Its hash is the stage run id, so an unchanged stage gets the same id: if its ledger row
+says 'done', `work` is not called at all (no model is loaded); otherwise `work(reg, stage_run_id)` runs and must
+itself skip items whose rows exist (that is how a crashed stage resumes). A failure is recorded on the ledger row and
+re-raised.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .config import FlywheelConfig, content_hash
+from .registry import Registry
+
+
+@dataclass
+class StageResult:
+    stage: str
+    stage_run_id: str
+    stats: dict = field(default_factory=dict)
+    skipped: bool = False
+    seconds: float = 0.0
+
+
+def stage_run_id(stage: str, inputs: dict) -> str:
+    return f"{stage}-{content_hash({'stage': stage, **inputs})}"
+
+
+def run_stage(
+    cfg: FlywheelConfig,
+    stage: str,
+    run_id: str,
+    iteration: int,
+    model_id: str | None,
+    inputs: dict,
+    work: Callable[[Registry, str], dict],
+) -> StageResult:
+    sid = stage_run_id(stage, inputs)
+    t0 = time.perf_counter()
+    with Registry(cfg.registry.root) as reg:
+        ledger = reg.begin_stage(
+            sid, run_id=run_id, iteration=iteration, stage=stage, model_id=model_id, config_hash=content_hash(inputs)
+        )
+        if ledger.done:
+            return StageResult(stage, sid, ledger.stats, skipped=True, seconds=time.perf_counter() - t0)
+        try:
+            stats = work(reg, sid)
+        except BaseException as e:
+            reg.fail_stage(sid, f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=5)}")
+            raise
+        reg.end_stage(sid, stats)
+    return StageResult(stage, sid, stats, skipped=False, seconds=time.perf_counter() - t0)
+
+
+def batches(items: list, size: int):
+    """(index, batch) over fixed-size chunks: fixed boundaries make per-batch seeds, and so resumes, reproducible."""
+    for i in range(0, len(items), size):
+        yield i // size, items[i : i + size]
+
+
+def batch_seed(stage_run_id: str, batch_index: int, run_seed: int) -> int:
+    return int(content_hash([stage_run_id, batch_index, run_seed], 8), 16)
+
+
+def load_template(reg: Registry, path, name: str) -> tuple[str, str]:
+    """(text, hash) of a prompt template file, registered in the registry under its content hash."""
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt template not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    template_hash = content_hash(text)
+    reg.register_template(template_hash, name, text)
+    return text, template_hash
