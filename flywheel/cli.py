@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             preflight(cfg)
     except (ConfigError, ValueError) as e:
-        console.print(f"[red]error:[/] {e}", highlight=False)
+        console.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
         return 2
     return _run(cfg) if args.command == "run" else _summary(cfg)
 

@@ -1,0 +1,28 @@
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# Prefect reads its settings when imported: give the whole session its own home before any test imports it.
+_PREFECT_HOME = tempfile.mkdtemp(prefix="flywheel-prefect-")
+os.environ["PREFECT_HOME"] = _PREFECT_HOME
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _repo_cwd(monkeypatch):
+    """Configs name seeds and templates relative to the repository root, as the README's commands run there."""
+    monkeypatch.chdir(REPO)
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    """Prefect's own local API (a temporary server on SQLite), once per session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

@@ -1,0 +1,111 @@
+"""The whole flywheel through Prefect's local API on a real DuckDB file: seeds -> PT -> M1 -> M2 -> M3.
+
+Real tokenizer training, real generation, real TRL SFT and DPO steps on a tiny model (tests/small.yaml). The asserts
+are on what landed in the registry.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from flywheel.cli import main as cli_main
+from flywheel.config import load_config
+from flywheel.registry import Registry
+
+TABLES = ["runs", "iterations", "stage_runs", "run_stages", "templates", "models", "prompts", "candidates",
+          "judgments", "pairs"]
+
+
+@pytest.fixture(scope="module")
+def finished_run(prefect_api, tmp_path_factory):
+    from flows.flywheel_flow import flywheel_flow
+
+    root = tmp_path_factory.mktemp("registry")
+    cfg = load_config("tests/small.yaml", [f"registry.root={root}"])
+    run_id = flywheel_flow(cfg)
+    return cfg, run_id
+
+
+def test_three_model_versions_in_a_chain(finished_run):
+    cfg, run_id = finished_run
+    with Registry(cfg.registry.root) as reg:
+        assert reg.scalar("SELECT status FROM runs WHERE run_id = ?", [run_id]) == "done"
+        models = {m["name"]: m for m in reg.rows("SELECT * FROM models")}
+        assert sorted(models) == ["M1", "M2", "M3", "PT"]
+        assert [models[n]["kind"] for n in ("PT", "M1", "M2", "M3")] == ["base", "sft", "dpo", "dpo"]
+        assert models["M1"]["parent_id"] == models["PT"]["model_id"]
+        assert models["M2"]["parent_id"] == models["M1"]["model_id"]
+        assert models["M3"]["parent_id"] == models["M2"]["model_id"]
+        for m in models.values():
+            assert (Path(m["path"]) / "model.safetensors").is_file()
+            assert (Path(m["path"]) / "tokenizer.json").is_file()
+        its = reg.rows("SELECT * FROM iterations WHERE run_id = ? ORDER BY iteration", [run_id])
+        assert [(i["iteration"], i["status"]) for i in its] == [(1, "done"), (2, "done")]
+        assert [(i["model_in"], i["model_out"]) for i in its] == [
+            (models["M1"]["model_id"], models["M2"]["model_id"]), (models["M2"]["model_id"], models["M3"]["model_id"])]
+
+
+def test_pairs_prefer_the_higher_mean_judge_score(finished_run):
+    cfg, _ = finished_run
+    with Registry(cfg.registry.root) as reg:
+        pairs = reg.rows("SELECT * FROM pairs")
+        assert {p["iteration"] for p in pairs} == {1, 2}
+        for p in pairs:
+            assert p["chosen_score"] > p["rejected_score"]
+            for cid, score in ((p["chosen_id"], p["chosen_score"]), (p["rejected_id"], p["rejected_score"])):
+                valid = [r["score"] for r in reg.rows(
+                    "SELECT score FROM judgments WHERE candidate_id = ? AND score IS NOT NULL", [cid])]
+                assert score == pytest.approx(sum(valid) / len(valid))
+                assert reg.scalar("SELECT prompt_id FROM candidates WHERE candidate_id = ?", [cid]) == p["prompt_id"]
+        # no prompt yields two pairs, and no pair was built from a prompt whose candidates all tie
+        assert len({(p["iteration"], p["prompt_id"]) for p in pairs}) == len(pairs)
+
+
+def test_counts_add_up_and_rows_record_their_origin(finished_run):
+    cfg, run_id = finished_run
+    n, k = cfg.generate.n, cfg.judge.samples
+    with Registry(cfg.registry.root) as reg:
+        stages = {(r["iteration"], r["stage"]): r for r in reg.rows(
+            "SELECT rs.iteration, rs.stage, s.* FROM run_stages rs JOIN stage_runs s USING (stage_run_id) "
+            "WHERE rs.run_id = ?", [run_id])}
+        assert all(s["status"] == "done" for s in stages.values())
+        for t in (1, 2):
+            model_in = reg.scalar("SELECT model_in FROM iterations WHERE iteration = ?", [t])
+            si, gen, jd, pr = (stages[(t, s)]["stage_run_id"] for s in ("self_instruct", "generate", "judge", "pairs"))
+            attempted, kept = reg.rows("SELECT count(*) AS a, count(*) FILTER (WHERE kept) AS k FROM prompts "
+                                       "WHERE stage_run_id = ?", [si])[0].values()
+            assert attempted == cfg.self_instruct.num_prompts and kept > 0
+            assert reg.scalar("SELECT count(*) FROM prompts WHERE stage_run_id = ? AND NOT kept "
+                              "AND drop_reason IS NULL", [si]) == 0
+            assert reg.scalar("SELECT count(*) FROM candidates WHERE stage_run_id = ?", [gen]) == kept * n
+            assert reg.scalar("SELECT count(*) FROM judgments WHERE stage_run_id = ?", [jd]) == kept * n * k
+            # a judgment has a score or a parse error, never both, never neither
+            assert reg.scalar("SELECT count(*) FROM judgments WHERE stage_run_id = ? "
+                              "AND (score IS NULL) = (parse_error IS NULL)", [jd]) == 0
+            failures = reg.scalar("SELECT count(*) FROM judgments WHERE stage_run_id = ? AND score IS NULL", [jd])
+            assert failures < kept * n * k  # some judgments parse
+            assert json.loads(stages[(t, "judge")]["stats"])["parse_failures"] == failures
+            pairs = reg.scalar("SELECT count(*) FROM pairs WHERE stage_run_id = ?", [pr])
+            assert 0 < pairs <= kept
+            assert json.loads(stages[(t, "dpo")]["stats"])["pairs"] == pairs
+            # provenance: M_t generated and judged this iteration's data
+            assert reg.scalar("SELECT count(*) FROM candidates WHERE stage_run_id = ? AND model_id != ?",
+                              [gen, model_in]) == 0
+            assert reg.scalar("SELECT count(*) FROM judgments WHERE stage_run_id = ? AND judge_model_id != ?",
+                              [jd, model_in]) == 0
+            assert reg.scalar("SELECT count(DISTINCT template_hash) FROM judgments WHERE stage_run_id = ?", [jd]) == 1
+
+
+def test_running_again_through_the_cli_changes_nothing(finished_run, capsys):
+    cfg, run_id = finished_run
+    with Registry(cfg.registry.root) as reg:
+        before = {t: reg.scalar(f"SELECT count(*) FROM {t}") for t in TABLES}
+        finished = reg.rows("SELECT stage_run_id, finished_at FROM stage_runs ORDER BY 1")
+    assert cli_main(["run", "--config", "tests/small.yaml", f"registry.root={cfg.registry.root}"]) == 0
+    with Registry(cfg.registry.root) as reg:
+        assert {t: reg.scalar(f"SELECT count(*) FROM {t}") for t in TABLES} == before
+        assert reg.rows("SELECT stage_run_id, finished_at FROM stage_runs ORDER BY 1") == finished
+    out = capsys.readouterr().out
+    assert run_id in out and "M2 -> M3" in out and "parse failures" in out
+    assert (Path(cfg.registry.root) / "runs" / run_id / "summary.md").is_file()

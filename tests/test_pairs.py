@@ -1,0 +1,87 @@
+"""The pair SQL on a real DuckDB registry, with judgments written by hand so every case is known."""
+
+import duckdb
+import pytest
+
+from flywheel.config import load_config
+from flywheel.pairs import build_pairs, snapshot_path
+from flywheel.registry import Registry, now
+
+JUDGE_SID = "judge-test"
+
+
+def _write(reg, scores: dict[str, dict[str, list[float | None]]]):
+    """scores: prompt -> candidate -> judge sample scores (None = a parse failure)."""
+    common = dict(run_id="r", iteration=1, config_hash="h", created_at=now())
+    for p, cands in scores.items():
+        reg.insert("prompts", [dict(prompt_id=p, source="self_instruct", text=f"question {p}", reference=None,
+                                    seed_id=None, few_shot_ids=None, kept=True, drop_reason=None, model_id="m",
+                                    stage_run_id="si", **common)])
+        for c, samples in cands.items():
+            reg.insert("candidates", [dict(candidate_id=c, prompt_id=p, sample_index=0, text=f"answer {c}",
+                                           num_tokens=2, finish_reason="stop", model_id="m", backend="transformers",
+                                           sampling={}, seed=0, stage_run_id="gen", **common)])
+            reg.insert("judgments", [
+                dict(judgment_id=f"{c}-{k}", candidate_id=c, sample_index=k, raw_text=f"Score: {s}", score=s,
+                     parse_error=None if s is not None else "no_score", judge_model_id="m", template_hash="t",
+                     sampling={}, stage_run_id=JUDGE_SID, **common)
+                for k, s in enumerate(samples)])
+
+
+@pytest.fixture
+def cfg(tmp_path):
+    return load_config(None, [f"registry.root={tmp_path}"])
+
+
+def _pairs(cfg, **over):
+    result = build_pairs(cfg, "r", 1, JUDGE_SID)
+    with Registry(cfg.registry.root) as reg:
+        rows = reg.rows("SELECT * FROM pairs WHERE stage_run_id = ? ORDER BY prompt_id", [result.stage_run_id])
+    return result, {r["prompt_id"]: r for r in rows}
+
+
+def test_best_vs_worst_with_ties_and_failures(cfg):
+    with Registry(cfg.registry.root) as reg:
+        _write(reg, {
+            "p1": {"a": [4, 5, 3], "b": [1, 2, None], "c": [3, 3, 3]},   # a=4.0 chosen, b=1.5 rejected
+            "p2": {"d": [3, 3], "e": [3, None]},                         # all tie -> dropped
+            "p3": {"f": [5, 5], "g": [None, None]},                      # g has no valid sample -> only f -> no pair
+            "p4": {"h": [2], "i": [2], "j": [0]},                        # h, i tie for best: larger id chosen
+        })
+    result, pairs = _pairs(cfg)
+    assert set(pairs) == {"p1", "p4"}
+    assert (pairs["p1"]["chosen_id"], pairs["p1"]["rejected_id"]) == ("a", "b")
+    assert (pairs["p1"]["chosen_score"], pairs["p1"]["rejected_score"]) == (4.0, 1.5)
+    assert (pairs["p4"]["chosen_id"], pairs["p4"]["rejected_id"]) == ("i", "j")
+    assert all(p["chosen_score"] > p["rejected_score"] for p in pairs.values())
+    assert result.stats["pairs"] == 2 and result.stats["prompts_scored"] == 4 and result.stats["dropped_ties"] == 2
+
+    snap = duckdb.sql(f"SELECT * FROM read_parquet('{snapshot_path(Registry(cfg.registry.root), result.stage_run_id)}') "
+                      "ORDER BY prompt_id").to_arrow_table().to_pylist()
+    assert [(r["prompt"], r["chosen"], r["rejected"]) for r in snap] == [
+        ("question p1", "answer a", "answer b"), ("question p4", "answer i", "answer j")]
+
+
+def test_min_margin_drops_close_pairs(cfg):
+    with Registry(cfg.registry.root) as reg:
+        _write(reg, {"p1": {"a": [4], "b": [3.5]}, "p2": {"c": [5], "d": [1]}})
+    cfg.pairs.min_margin = 1.0
+    _, pairs = _pairs(cfg)
+    assert set(pairs) == {"p2"}
+
+
+def test_running_twice_is_a_no_op(cfg):
+    with Registry(cfg.registry.root) as reg:
+        _write(reg, {"p1": {"a": [5], "b": [1]}})
+    first, _ = _pairs(cfg)
+    second, pairs = _pairs(cfg)
+    assert not first.skipped and second.skipped and second.stage_run_id == first.stage_run_id
+    with Registry(cfg.registry.root) as reg:
+        assert reg.scalar("SELECT count(*) FROM pairs") == 1
+
+
+def test_no_scores_gives_no_pairs(cfg):
+    with Registry(cfg.registry.root) as reg:
+        _write(reg, {"p1": {"a": [None], "b": [None]}})
+    result, pairs = _pairs(cfg)
+    assert pairs == {} and result.stats["pairs"] == 0
