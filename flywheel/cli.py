@@ -32,6 +32,7 @@ def preflight(cfg: FlywheelConfig) -> None:
 
 def _run(cfg: FlywheelConfig) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "flywheel")  # batch commits in Prefect's logs and UI
     from flows.flywheel_flow import flywheel_flow  # imports prefect: after the environment is set
 
     from . import summary

@@ -13,7 +13,7 @@ from .models import resolve_device
 from .progress import progress
 from .registry import Registry, now
 from .score_parser import parse_score
-from .stage import StageResult, batch_seed, batches, load_template, run_stage
+from .stage import StageResult, batch_seed, batches, log_batch, load_template, run_stage
 
 
 def judge(cfg: FlywheelConfig, run_id: str, iteration: int, model_id: str, candidates_sid: str) -> StageResult:
@@ -29,7 +29,8 @@ def judge(cfg: FlywheelConfig, run_id: str, iteration: int, model_id: str, candi
             "JOIN prompts p USING (prompt_id) WHERE c.stage_run_id = ? ORDER BY c.candidate_id", [candidates_sid])
         params = SamplingParams(n=c.samples, temperature=c.temperature, top_p=c.top_p, max_new_tokens=c.max_new_tokens)
         backend = None
-        for b, batch in progress(list(batches(cands, c.batch_size)), f"judge (iteration {iteration})"):
+        todo = list(batches(cands, c.batch_size))
+        for b, batch in progress(todo, f"judge (iteration {iteration})"):
             ids = [[f"j-{content_hash([sid, x['candidate_id'], k])}" for k in range(c.samples)] for x in batch]
             if reg.existing("judgments", "judgment_id", sum(ids, [])) == set(sum(ids, [])):
                 continue
@@ -47,6 +48,7 @@ def judge(cfg: FlywheelConfig, run_id: str, iteration: int, model_id: str, candi
                                      iteration=iteration, stage_run_id=sid, config_hash=content_hash(inputs),
                                      created_at=now()))
             reg.insert("judgments", rows)
+            log_batch("judge", b, len(todo), len(rows))
         row = reg.rows(
             "SELECT count(*) AS samples, count(score) AS parsed, avg(score) AS mean_score, "
             "count(DISTINCT candidate_id) FILTER (WHERE score IS NOT NULL) AS scored_candidates "

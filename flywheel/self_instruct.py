@@ -14,8 +14,9 @@ import re
 from .backends import SamplingParams, make_backend
 from .config import FlywheelConfig, content_hash
 from .models import resolve_device
+from .progress import progress
 from .registry import Registry, now
-from .stage import StageResult, batch_seed, batches, load_template, run_stage
+from .stage import StageResult, batch_seed, batches, load_template, log_batch, run_stage
 
 _WORD = re.compile(r"[a-z0-9]+")
 
@@ -73,7 +74,8 @@ def self_instruct(cfg: FlywheelConfig, run_id: str, iteration: int, model_id: st
         kept = [words(r["text"]) for r in pool]
         params = SamplingParams(n=1, temperature=c.temperature, top_p=c.top_p, max_new_tokens=c.max_new_tokens)
         backend = None
-        for b, attempts in batches(list(range(c.num_prompts)), c.batch_size):
+        todo = list(batches(list(range(c.num_prompts)), c.batch_size))
+        for b, attempts in progress(todo, f"self-instruct (iteration {iteration})"):
             ids = [f"p-{content_hash([sid, i])}" for i in attempts]
             if reg.existing("prompts", "prompt_id", ids) == set(ids):
                 continue  # committed before a crash
@@ -96,6 +98,7 @@ def self_instruct(cfg: FlywheelConfig, run_id: str, iteration: int, model_id: st
                                  kept=reason is None, drop_reason=reason, model_id=model_id, stage_run_id=sid,
                                  config_hash=content_hash(inputs), created_at=now()))
             reg.insert("prompts", rows)
+            log_batch("self_instruct", b, len(todo), len(rows))
         counts = reg.rows("SELECT coalesce(drop_reason, 'kept') AS k, count(*) AS n FROM prompts WHERE stage_run_id = ? "
                           "GROUP BY ALL ORDER BY k", [sid])
         by = {r["k"]: r["n"] for r in counts}

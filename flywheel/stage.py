@@ -11,6 +11,7 @@ re-raised.
 
 from __future__ import annotations
 
+import logging
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -18,6 +19,8 @@ from typing import Callable
 
 from .config import FlywheelConfig, content_hash
 from .registry import Registry
+
+log = logging.getLogger("flywheel")
 
 
 @dataclass
@@ -63,6 +66,11 @@ def batches(items: list, size: int):
     """(index, batch) over fixed-size chunks: fixed boundaries make per-batch seeds, and so resumes, reproducible."""
     for i in range(0, len(items), size):
         yield i // size, items[i : i + size]
+
+
+def log_batch(stage: str, index: int, total: int, rows: int) -> None:
+    """One line per committed batch: what a crash can lose is at most the batch after the last such line."""
+    log.info("%s: committed batch %d/%d (%d rows)", stage, index + 1, total, rows)
 
 
 def batch_seed(stage_run_id: str, batch_index: int, run_seed: int) -> int:
