@@ -7,6 +7,7 @@ machine (vLLM is CUDA-only) are imported lazily inside their own class, so the l
 
 from __future__ import annotations
 
+import gc
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
 
@@ -93,8 +94,25 @@ class TransformersBackend(GenerationBackend):
 
 BACKENDS = {"transformers": TransformersBackend}
 
+# One backend kept loaded between stages: self-instruct, generate and judge all use M_t, so M_t loads once per
+# iteration. Training stages call release_backends() first, so the generation copy does not hold their memory.
+_loaded: tuple[tuple, GenerationBackend] | None = None
+
 
 def make_backend(name: str, model_path: str, device: str) -> GenerationBackend:
+    global _loaded
     if name not in BACKENDS:
         raise ValueError(f"unknown generation backend {name!r}; available: {', '.join(BACKENDS)}")
-    return BACKENDS[name](model_path, device)
+    key = (name, str(model_path), device)
+    if _loaded is None or _loaded[0] != key:
+        release_backends()
+        _loaded = (key, BACKENDS[name](model_path, device))
+    return _loaded[1]
+
+
+def release_backends() -> None:
+    global _loaded
+    _loaded = None
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

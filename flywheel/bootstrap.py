@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .backends import release_backends
 from .config import FlywheelConfig, content_hash
 from .models import build_tiny_model, build_tokenizer, load, resolve_device, save_atomically
 from .registry import Registry, now
@@ -79,6 +80,7 @@ def train_sft(cfg: FlywheelConfig, run_id: str, base_id: str, seeds_sid: str) ->
         if cfg.seeds.eft:
             eft = eft_examples(seeds, judge_text, cfg.run.seed)
             examples, n_eft = examples + eft, len(eft)
+        release_backends()
         model, tokenizer = load(reg.model(base_id)["path"], device)
         s = cfg.sft
         metrics = sft_train(model, tokenizer, examples, epochs=s.epochs, lr=s.learning_rate, batch_size=s.batch_size,

@@ -9,6 +9,7 @@ A bad config, seed file or template is reported in one message (exit 2) before a
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
@@ -33,6 +34,7 @@ def preflight(cfg: FlywheelConfig) -> None:
 def _run(cfg: FlywheelConfig) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "flywheel")  # batch commits in Prefect's logs and UI
+    logging.getLogger("flywheel").setLevel(logging.INFO)
     from flows.flywheel_flow import flywheel_flow  # imports prefect: after the environment is set
 
     from . import summary
@@ -56,8 +58,9 @@ def _run(cfg: FlywheelConfig) -> int:
     summary.print_table(run_id, iterations, console)
     for it in iterations:
         if it["model"]:
-            console.print(f"  {it['model']['name']}: {it['model']['path']}")
-    console.print(f"Registry: {cfg.registry.root / 'flywheel.duckdb'}   summary: {path}")
+            console.print(f"  {it['model']['name']}: {it['model']['path']}", soft_wrap=True)
+    console.print(f"Registry: {cfg.registry.root / 'flywheel.duckdb'}", soft_wrap=True)
+    console.print(f"Summary:  {path}", soft_wrap=True)
     console.print(f"Wall time: {wall:.1f} s")
     return 0
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import duckdb
 
+from .backends import release_backends
 from .config import FlywheelConfig, content_hash
 from .models import load, resolve_device, save_atomically
 from .pairs import snapshot_path
@@ -27,6 +28,7 @@ def train_dpo(cfg: FlywheelConfig, run_id: str, iteration: int, model_id: str, p
         if not pairs:
             raise NoPairsError(f"iteration {iteration} produced no preference pairs (all prompts tied or unscored); "
                                "see the judge stage's parse failures and the pairs stage's dropped ties")
+        release_backends()
         model, tokenizer = load(reg.model(model_id)["path"], device)
         metrics = dpo_train(model, tokenizer, pairs, beta=c.beta, lr=c.learning_rate, epochs=c.epochs,
                             batch_size=c.batch_size, max_length=c.max_length, device=device, seed=cfg.run.seed)

@@ -16,6 +16,7 @@ from typing import Any
 import datasets
 import transformers
 from datasets import Dataset
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from trl import DPOConfig as TRLDPOConfig
 from trl import DPOTrainer, SFTConfig, SFTTrainer
 
@@ -26,6 +27,20 @@ transformers.utils.logging.disable_progress_bar()
 logging.getLogger("trl").setLevel(logging.WARNING)
 warnings.filterwarnings("ignore", message=".*gradient_checkpointing.* is deprecated", category=FutureWarning)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+class _StepBar(ProgressCallback):
+    """The trainers' step progress bar, without printing every log dict under it (the metrics are returned)."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        pass
+
+
+def _quiet(trainer):
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(_StepBar)
+    return trainer
 
 
 def _hardware_args(device: str) -> dict[str, Any]:
@@ -39,6 +54,7 @@ def _common_args(device: str, seed: int, out_dir: str) -> dict[str, Any]:
         report_to="none",
         save_strategy="no",
         logging_steps=1,
+        disable_tqdm=False,  # our logger level would turn the bar off and print raw log dicts instead
         seed=seed,
         data_seed=seed,
         dataloader_num_workers=0,
@@ -66,8 +82,8 @@ def causal_lm_train(model, tokenizer, texts: list[str], *, steps: int, lr: float
             lr_scheduler_type="cosine", warmup_steps=0.1, dataset_text_field="text",
             **_common_args(device, seed, out),
         )
-        trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict({"text": texts}),
-                             processing_class=tokenizer)
+        trainer = _quiet(SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict({"text": texts}),
+                                    processing_class=tokenizer))
         return _final_metrics(trainer, trainer.train())
 
 
@@ -83,7 +99,8 @@ def sft_train(model, tokenizer, examples: list[dict], *, epochs: float, lr: floa
             num_train_epochs=epochs, learning_rate=lr, per_device_train_batch_size=batch_size, max_length=max_length,
             lr_scheduler_type="cosine", warmup_steps=0.05, **_common_args(device, seed, out),
         )
-        trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict(rows), processing_class=tokenizer)
+        trainer = _quiet(SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict(rows),
+                                    processing_class=tokenizer))
         return _final_metrics(trainer, trainer.train())
 
 
@@ -102,7 +119,7 @@ def dpo_train(model, tokenizer, pairs: list[dict], *, beta: float, lr: float, ep
             max_length=max_length, lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": 0.1},
             **_common_args(device, seed, out),
         )
-        trainer = DPOTrainer(model=model, ref_model=None, args=args, train_dataset=Dataset.from_dict(rows),
-                             processing_class=tokenizer)
+        trainer = _quiet(DPOTrainer(model=model, ref_model=None, args=args, train_dataset=Dataset.from_dict(rows),
+                                    processing_class=tokenizer))
         return _final_metrics(trainer, trainer.train())
 

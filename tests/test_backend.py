@@ -50,3 +50,13 @@ def test_chat_formatting_uses_the_template(backend):
 def test_unknown_backend_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown generation backend 'nope'; available: transformers"):
         make_backend("nope", "unused", "cpu")
+
+
+def test_one_loaded_backend_is_shared_until_released(tmp_path):
+    from flywheel.backends import release_backends
+
+    path = str(save_random_tiny_model(tmp_path / "tiny"))
+    first = make_backend("transformers", path, "cpu")
+    assert make_backend("transformers", path, "cpu") is first  # self-instruct, generate, judge: one load
+    release_backends()  # what a training stage does before loading its own copy
+    assert make_backend("transformers", path, "cpu") is not first
