@@ -134,10 +134,6 @@ class FlywheelConfig(_Section):
     pairs: PairsConfig = PairsConfig()
     dpo: DPOConfig = DPOConfig()
 
-    def section_hash(self, *names: str) -> str:
-        """Hash of the named sections only: a stage's key changes when its own settings change, not others'."""
-        return content_hash({n: getattr(self, n).model_dump(mode="json") for n in names})
-
     def config_hash(self) -> str:
         return content_hash(self.model_dump(mode="json"))
 

@@ -67,12 +67,6 @@ def test_bad_files(tmp_path):
         load_config(listy)
 
 
-def test_section_hash_changes_only_with_its_section():
-    a, b = load_config(None, []), load_config(None, ["judge.samples=5"])
-    assert a.section_hash("generate") == b.section_hash("generate")
-    assert a.section_hash("judge") != b.section_hash("judge")
-
-
 def test_cli_reports_a_bad_config_without_a_traceback(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "flywheel.cli", "run", "--config", "configs/demo.yaml", "generate.n=abc",

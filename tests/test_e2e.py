@@ -109,3 +109,33 @@ def test_running_again_through_the_cli_changes_nothing(finished_run, capsys):
     out = capsys.readouterr().out
     assert run_id in out and "M2 -> M3" in out and "parse failures" in out
     assert (Path(cfg.registry.root) / "runs" / run_id / "summary.md").is_file()
+
+
+def test_a_new_judge_setting_reuses_prompts_and_candidates(finished_run, prefect_api):
+    """Stage keys hash each stage's own inputs: with 3 judge samples instead of 2, self-instruct and generation
+    are reused as they are, and judging, pairs and DPO run again (a new run, new M2 and M3)."""
+    from flows.flywheel_flow import flywheel_flow
+
+    cfg, run_id = finished_run
+    changed = cfg.model_copy(update={"judge": cfg.judge.model_copy(update={"samples": 3})})
+    count_by_iteration = "SELECT iteration, count(*) AS n FROM {} GROUP BY ALL ORDER BY ALL"
+    with Registry(cfg.registry.root) as reg:
+        before = {t: reg.rows(count_by_iteration.format(t)) for t in ("prompts", "candidates")}
+        models = reg.scalar("SELECT count(*) FROM models")
+    new_run = flywheel_flow(changed)
+    assert new_run != run_id
+    with Registry(cfg.registry.root) as reg:
+        for t in ("prompts", "candidates"):
+            after = {r["iteration"]: r["n"] for r in reg.rows(count_by_iteration.format(t))}
+            old = {r["iteration"]: r["n"] for r in before[t]}
+            assert {i: n for i, n in after.items() if i < 2} == {i: n for i, n in old.items() if i < 2}
+            assert after[2] > old[2]  # iteration 2 made new prompts (and candidates) with the new M2
+        assert reg.scalar("SELECT count(*) FROM models") == models + 2
+        stages = reg.rows("SELECT stage, count(DISTINCT stage_run_id) AS n FROM run_stages "
+                          "WHERE run_id IN (?, ?) GROUP BY stage ORDER BY stage", [run_id, new_run])
+        assert {s["stage"]: s["n"] for s in stages} == {
+            "seeds": 1, "base": 1, "sft": 1, "self_instruct": 3, "generate": 3, "judge": 4, "pairs": 4, "dpo": 4}
+        # iteration 1 is shared entirely up to generation; iteration 2's prompts come from the new M2, so it differs
+        shared = reg.rows("SELECT a.stage FROM run_stages a JOIN run_stages b USING (iteration, stage, stage_run_id) "
+                          "WHERE a.run_id = ? AND b.run_id = ? ORDER BY a.iteration, a.stage", [run_id, new_run])
+        assert [s["stage"] for s in shared] == ["base", "seeds", "sft", "generate", "self_instruct"]
