@@ -36,7 +36,7 @@ def iteration_flow(cfg: FlywheelConfig, run_id: str, iteration: int, model_id: s
     candidates = generate_task(cfg, run_id, iteration, model_id, prompts.stage_run_id)
     judged = judge_task(cfg, run_id, iteration, model_id, candidates.stage_run_id)
     pair_set = pairs_task(cfg, run_id, iteration, judged.stage_run_id)
-    trained = dpo_task(cfg, run_id, iteration, model_id, pair_set.stage_run_id)
+    trained = dpo_task(cfg, run_id, iteration, model_id, pair_set)
     runs.finish_iteration(cfg, run_id, iteration, trained.stats["model_id"])
     return {"model_id": trained.stats["model_id"], "prompts_sid": prompts.stage_run_id}
 

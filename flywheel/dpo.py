@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import duckdb
-
 from .backends import release_backends
 from .config import FlywheelConfig, content_hash
 from .models import load, resolve_device, save_atomically
-from .pairs import snapshot_path
+from .pairs import read_snapshot
 from .registry import Registry
 from .stage import StageResult, run_stage
 from .train import dpo_train
@@ -17,25 +15,26 @@ class NoPairsError(RuntimeError):
     pass
 
 
-def train_dpo(cfg: FlywheelConfig, run_id: str, iteration: int, model_id: str, pairs_sid: str) -> StageResult:
+def train_dpo(cfg: FlywheelConfig, run_id: str, iteration: int, model_id: str, pairs: StageResult) -> StageResult:
+    """`pairs` is the pairs stage's result: its id and the hash of the snapshot it froze."""
     c = cfg.dpo
     device = resolve_device(cfg.run.device)
-    inputs = {"model": model_id, "pairs": pairs_sid, "cfg": c.model_dump(), "seed": cfg.run.seed}
+    inputs = {"model": model_id, "pairs": pairs.stage_run_id, "cfg": c.model_dump(), "seed": cfg.run.seed}
 
     def work(reg: Registry, sid: str) -> dict:
-        path = snapshot_path(reg, pairs_sid)
-        pairs = duckdb.sql(f"SELECT prompt, chosen, rejected FROM read_parquet('{path}')").to_arrow_table().to_pylist()
-        if not pairs:
+        rows = read_snapshot(reg, pairs.stage_run_id, pairs.stats["snapshot_hash"])
+        training_pairs = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows]
+        if not training_pairs:
             raise NoPairsError(f"iteration {iteration} produced no preference pairs (all prompts tied or unscored); "
                                "see the judge stage's parse failures and the pairs stage's dropped ties")
         release_backends()
         model, tokenizer = load(reg.model(model_id)["path"], device)
-        metrics = dpo_train(model, tokenizer, pairs, beta=c.beta, lr=c.learning_rate, epochs=c.epochs,
+        metrics = dpo_train(model, tokenizer, training_pairs, beta=c.beta, lr=c.learning_rate, epochs=c.epochs,
                             batch_size=c.batch_size, max_length=c.max_length, device=device, seed=cfg.run.seed)
         save_atomically(model, tokenizer, reg.model_dir(sid))
         reg.register_model(model_id=sid, run_id=run_id, name=f"M{iteration + 1}", kind="dpo", iteration=iteration,
                            parent_id=model_id, path=str(reg.model_dir(sid)), stage_run_id=sid,
-                           config_hash=content_hash(inputs), metrics={**metrics, "pairs": len(pairs)})
-        return {"model_id": sid, "path": str(reg.model_dir(sid)), "pairs": len(pairs), **metrics}
+                           config_hash=content_hash(inputs), metrics={**metrics, "pairs": len(training_pairs)})
+        return {"model_id": sid, "path": str(reg.model_dir(sid)), "pairs": len(training_pairs), **metrics}
 
     return run_stage(cfg, "dpo", run_id, iteration, model_id, inputs, work)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import duckdb
+
 from .config import FlywheelConfig, content_hash
 from .registry import Registry
 from .stage import StageResult, run_stage
@@ -48,8 +50,41 @@ ORDER BY pr.pair_id
 """
 
 
+class SnapshotError(RuntimeError):
+    pass
+
+
 def snapshot_path(reg: Registry, sid: str) -> Path:
     return reg.root / "snapshots" / "pairs" / f"{sid}.parquet"
+
+
+def write_snapshot(reg: Registry, sid: str) -> str:
+    """Freeze the pairs of stage run `sid` (with their texts) as Parquet; returns the hash of the rows written."""
+    path = snapshot_path(reg, sid)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    rel = reg.con.sql(SNAPSHOT_SQL, params=[sid])
+    rows_hash = content_hash(rel.to_arrow_table().to_pylist())
+    rel.write_parquet(str(tmp), compression="zstd")
+    os.replace(tmp, path)  # readers see the old file or the whole new one, never half of one
+    return rows_hash
+
+
+def read_snapshot(reg: Registry, sid: str, expected_hash: str) -> list[dict]:
+    """The training pairs of stage run `sid`, checked against the hash recorded when they were frozen.
+    A missing file is written again from the registry; an unreadable or altered one is refused."""
+    path = snapshot_path(reg, sid)
+    if not path.exists():
+        write_snapshot(reg, sid)
+    try:
+        rows = duckdb.sql(f"SELECT * FROM read_parquet('{path}')").to_arrow_table().to_pylist()
+    except duckdb.Error as e:
+        raise SnapshotError(f"pair snapshot {path} cannot be read ({e}); delete it and run again to rewrite it "
+                            "from the registry") from None
+    if content_hash(rows) != expected_hash:
+        raise SnapshotError(f"pair snapshot {path} does not match the hash recorded when it was written "
+                            f"({expected_hash}); delete it and run again to rewrite it from the registry")
+    return rows
 
 
 def build_pairs(cfg: FlywheelConfig, run_id: str, iteration: int, judge_sid: str) -> StageResult:
@@ -59,11 +94,7 @@ def build_pairs(cfg: FlywheelConfig, run_id: str, iteration: int, judge_sid: str
         with reg.transaction() as con:
             con.execute(PAIRS_SQL, dict(judge_sid=judge_sid, sid=sid, run_id=run_id, iteration=iteration,
                                         config_hash=content_hash(inputs), min_margin=cfg.pairs.min_margin))
-        path = snapshot_path(reg, sid)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        reg.con.sql(SNAPSHOT_SQL, params=[sid]).write_parquet(str(tmp), compression="zstd")
-        os.replace(tmp, path)
+        rows_hash = write_snapshot(reg, sid)
         row = reg.rows(
             "SELECT count(DISTINCT c.prompt_id) AS prompts FROM judgments j JOIN candidates c USING (candidate_id) "
             "WHERE j.stage_run_id = ? AND j.score IS NOT NULL", [judge_sid])[0]
@@ -71,6 +102,7 @@ def build_pairs(cfg: FlywheelConfig, run_id: str, iteration: int, judge_sid: str
                          "FROM pairs WHERE stage_run_id = ?", [sid])[0]
         return {"pairs": stats["pairs"], "prompts_scored": row["prompts"],
                 "dropped_ties": row["prompts"] - stats["pairs"],
-                "mean_margin": round(stats["mean_margin"], 3) if stats["pairs"] else None, "snapshot": str(path)}
+                "mean_margin": round(stats["mean_margin"], 3) if stats["pairs"] else None,
+                "snapshot": str(snapshot_path(reg, sid)), "snapshot_hash": rows_hash}
 
     return run_stage(cfg, "pairs", run_id, iteration, None, inputs, work)

@@ -4,7 +4,7 @@ import duckdb
 import pytest
 
 from flywheel.config import load_config
-from flywheel.pairs import build_pairs, snapshot_path
+from flywheel.pairs import SnapshotError, build_pairs, read_snapshot, snapshot_path
 from flywheel.registry import Registry, now
 
 JUDGE_SID = "judge-test"
@@ -56,9 +56,9 @@ def test_best_vs_worst_with_ties_and_failures(cfg):
     assert all(p["chosen_score"] > p["rejected_score"] for p in pairs.values())
     assert result.stats["pairs"] == 2 and result.stats["prompts_scored"] == 4 and result.stats["dropped_ties"] == 2
 
-    snap = duckdb.sql(f"SELECT * FROM read_parquet('{snapshot_path(Registry(cfg.registry.root), result.stage_run_id)}') "
-                      "ORDER BY prompt_id").to_arrow_table().to_pylist()
-    assert [(r["prompt"], r["chosen"], r["rejected"]) for r in snap] == [
+    with Registry(cfg.registry.root) as reg:
+        snap = read_snapshot(reg, result.stage_run_id, result.stats["snapshot_hash"])
+    assert sorted((r["prompt"], r["chosen"], r["rejected"]) for r in snap) == [
         ("question p1", "answer a", "answer b"), ("question p4", "answer i", "answer j")]
 
 
@@ -85,3 +85,26 @@ def test_no_scores_gives_no_pairs(cfg):
         _write(reg, {"p1": {"a": [None], "b": [None]}})
     result, pairs = _pairs(cfg)
     assert pairs == {} and result.stats["pairs"] == 0
+
+
+def test_snapshot_is_checked_on_read(cfg):
+    with Registry(cfg.registry.root) as reg:
+        _write(reg, {"p1": {"a": [5], "b": [1]}, "p2": {"c": [4], "d": [2]}})
+    result, _ = _pairs(cfg)
+    sid, expected = result.stage_run_id, result.stats["snapshot_hash"]
+    with Registry(cfg.registry.root) as reg:
+        path = snapshot_path(reg, sid)
+        good = read_snapshot(reg, sid, expected)
+        assert len(good) == 2
+
+        path.write_bytes(path.read_bytes()[:-40])  # truncated: not Parquet any more
+        with pytest.raises(SnapshotError, match=f"{path} cannot be read"):
+            read_snapshot(reg, sid, expected)
+
+        reg.con.sql("SELECT 'pr-x' AS pair_id, 'p1' AS prompt_id, 'q' AS prompt, 'evil' AS chosen, 'r' AS rejected, "
+                    "5.0 AS chosen_score, 1.0 AS rejected_score").write_parquet(str(path))  # readable, but altered
+        with pytest.raises(SnapshotError, match="does not match the hash"):
+            read_snapshot(reg, sid, expected)
+
+        path.unlink()  # missing: derived data, rewritten from the registry
+        assert read_snapshot(reg, sid, expected) == good
