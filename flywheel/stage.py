@@ -15,6 +15,7 @@ import logging
 import time
 import traceback
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 from .config import FlywheelConfig, content_hash
@@ -79,8 +80,6 @@ def batch_seed(stage_run_id: str, batch_index: int, run_seed: int) -> int:
 
 def load_template(reg: Registry, path, name: str) -> tuple[str, str]:
     """(text, hash) of a prompt template file, registered in the registry under its content hash."""
-    from pathlib import Path
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"prompt template not found: {path}")
