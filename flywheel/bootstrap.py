@@ -19,7 +19,8 @@ def import_seeds(cfg: FlywheelConfig, run_id: str) -> StageResult:
         reg.insert("prompts", [
             dict(prompt_id=f"p-{content_hash([sid, i])}", run_id=run_id, iteration=0, source="seed",
                  text=s.instruction, reference=s.response, seed_id=s.id, few_shot_ids=None, kept=True,
-                 drop_reason=None, model_id=None, stage_run_id=sid, config_hash=sid, created_at=now())
+                 drop_reason=None, model_id=None, stage_run_id=sid, config_hash=cfg.config_hash(),
+                 created_at=now())
             for i, s in enumerate(seeds)
         ])
         return {"seeds": len(seeds), "path": str(cfg.seeds.path)}
@@ -59,7 +60,7 @@ def build_base(cfg: FlywheelConfig, run_id: str, seeds_sid: str) -> StageResult:
             save_atomically(model, tokenizer, path)
             metrics["parameters"] = sum(p.numel() for p in model.parameters())
         reg.register_model(model_id=sid, run_id=run_id, name="PT", kind="base", iteration=0, parent_id=None,
-                           path=str(path), stage_run_id=sid, config_hash=content_hash(inputs), metrics=metrics)
+                           path=str(path), stage_run_id=sid, config_hash=cfg.config_hash(), metrics=metrics)
         return {"model_id": sid, "path": str(path), **metrics}
 
     return run_stage(cfg, "base", run_id, 0, None, inputs, work)
@@ -87,7 +88,7 @@ def train_sft(cfg: FlywheelConfig, run_id: str, base_id: str, seeds_sid: str) ->
                             max_length=s.max_length, device=device, seed=cfg.run.seed)
         save_atomically(model, tokenizer, reg.model_dir(sid))
         reg.register_model(model_id=sid, run_id=run_id, name="M1", kind="sft", iteration=0, parent_id=base_id,
-                           path=str(reg.model_dir(sid)), stage_run_id=sid, config_hash=content_hash(inputs),
+                           path=str(reg.model_dir(sid)), stage_run_id=sid, config_hash=cfg.config_hash(),
                            metrics=metrics)
         return {"model_id": sid, "path": str(reg.model_dir(sid)), "ift": len(seeds), "eft": n_eft, **metrics}
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .backends import release_backends
-from .config import FlywheelConfig, content_hash
+from .config import FlywheelConfig
 from .models import load, resolve_device, save_atomically
 from .pairs import read_snapshot
 from .registry import Registry
@@ -34,7 +34,7 @@ def train_dpo(cfg: FlywheelConfig, run_id: str, iteration: int, model_id: str, p
         save_atomically(model, tokenizer, reg.model_dir(sid))
         reg.register_model(model_id=sid, run_id=run_id, name=f"M{iteration + 1}", kind="dpo", iteration=iteration,
                            parent_id=model_id, path=str(reg.model_dir(sid)), stage_run_id=sid,
-                           config_hash=content_hash(inputs), metrics={**metrics, "pairs": len(training_pairs)})
+                           config_hash=cfg.config_hash(), metrics={**metrics, "pairs": len(training_pairs)})
         return {"model_id": sid, "path": str(reg.model_dir(sid)), "pairs": len(training_pairs), **metrics}
 
     return run_stage(cfg, "dpo", run_id, iteration, model_id, inputs, work)

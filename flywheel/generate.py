@@ -7,12 +7,10 @@ finished one loads no model at all. Sampling parameters, backend, model and seed
 
 from __future__ import annotations
 
-from .backends import SamplingParams, make_backend
+from .backends import SamplingParams
 from .config import FlywheelConfig, content_hash
-from .models import resolve_device
-from .progress import progress
 from .registry import Registry, now
-from .stage import StageResult, batch_seed, batches, log_batch, run_stage
+from .stage import StageResult, backend_for, batch_seed, pending_batches, run_stage
 
 
 def generate(cfg: FlywheelConfig, run_id: str, iteration: int, model_id: str, prompts_sid: str) -> StageResult:
@@ -23,23 +21,22 @@ def generate(cfg: FlywheelConfig, run_id: str, iteration: int, model_id: str, pr
         prompts = reg.rows("SELECT prompt_id, text FROM prompts WHERE stage_run_id = ? AND kept ORDER BY prompt_id",
                            [prompts_sid])
         params = SamplingParams(n=c.n, temperature=c.temperature, top_p=c.top_p, max_new_tokens=c.max_new_tokens)
-        backend = None
-        todo = list(batches(prompts, c.batch_size))
-        for b, batch in progress(todo, f"generate (iteration {iteration})"):
-            ids = [[f"c-{content_hash([sid, p['prompt_id'], j])}" for j in range(c.n)] for p in batch]
-            if reg.existing("candidates", "candidate_id", sum(ids, [])) == set(sum(ids, [])):
-                continue
-            backend = backend or make_backend(c.backend, reg.model(model_id)["path"], resolve_device(cfg.run.device))
+        common = dict(model_id=model_id, backend=c.backend, sampling=params.as_dict(), run_id=run_id,
+                      iteration=iteration, stage_run_id=sid, config_hash=cfg.config_hash())
+
+        def ids_of(batch: list) -> list[str]:
+            return [f"c-{content_hash([sid, p['prompt_id'], j])}" for p in batch for j in range(c.n)]
+
+        for b, batch, ids in pending_batches(reg, "generate", "candidates", "candidate_id", prompts, c.batch_size,
+                                             ids_of, f"generate (iteration {iteration})"):
             seed = batch_seed(sid, b, cfg.run.seed)
-            outs = backend.generate([p["text"] for p in batch], params, seed=seed, chat=True)
-            rows = reg.insert("candidates", [
+            outs = backend_for(cfg, reg, model_id).generate([p["text"] for p in batch], params, seed=seed, chat=True)
+            samples = [(p, j, g) for p, gens in zip(batch, outs) for j, g in enumerate(gens)]
+            reg.insert("candidates", [
                 dict(candidate_id=cid, prompt_id=p["prompt_id"], sample_index=j, text=g.text, num_tokens=g.num_tokens,
-                     finish_reason=g.finish_reason, model_id=model_id, backend=c.backend, sampling=params.as_dict(),
-                     seed=seed, run_id=run_id, iteration=iteration, stage_run_id=sid,
-                     config_hash=content_hash(inputs), created_at=now())
-                for p, cids, gens in zip(batch, ids, outs) for j, (cid, g) in enumerate(zip(cids, gens))
+                     finish_reason=g.finish_reason, seed=seed, created_at=now(), **common)
+                for cid, (p, j, g) in zip(ids, samples)
             ])
-            log_batch("generate", b, len(todo), rows)
         row = reg.rows("SELECT count(*) AS n, count(DISTINCT prompt_id) AS prompts, avg(num_tokens) AS mean_tokens "
                        "FROM candidates WHERE stage_run_id = ?", [sid])[0]
         return {"candidates": row["n"], "prompts": row["prompts"], "mean_tokens": round(row["mean_tokens"] or 0, 1)}

@@ -7,13 +7,11 @@ candidate's average. A candidate with no valid sample gets no average and so tak
 
 from __future__ import annotations
 
-from .backends import SamplingParams, make_backend
+from .backends import SamplingParams
 from .config import FlywheelConfig, content_hash
-from .models import resolve_device
-from .progress import progress
 from .registry import Registry, now
 from .score_parser import parse_score
-from .stage import StageResult, batch_seed, batches, log_batch, load_template, run_stage
+from .stage import StageResult, backend_for, batch_seed, load_template, pending_batches, run_stage
 
 
 def judge(cfg: FlywheelConfig, run_id: str, iteration: int, model_id: str, candidates_sid: str) -> StageResult:
@@ -28,27 +26,24 @@ def judge(cfg: FlywheelConfig, run_id: str, iteration: int, model_id: str, candi
             "SELECT c.candidate_id, p.text AS instruction, c.text AS response FROM candidates c "
             "JOIN prompts p USING (prompt_id) WHERE c.stage_run_id = ? ORDER BY c.candidate_id", [candidates_sid])
         params = SamplingParams(n=c.samples, temperature=c.temperature, top_p=c.top_p, max_new_tokens=c.max_new_tokens)
-        backend = None
-        todo = list(batches(cands, c.batch_size))
-        for b, batch in progress(todo, f"judge (iteration {iteration})"):
-            ids = [[f"j-{content_hash([sid, x['candidate_id'], k])}" for k in range(c.samples)] for x in batch]
-            if reg.existing("judgments", "judgment_id", sum(ids, [])) == set(sum(ids, [])):
-                continue
-            backend = backend or make_backend(cfg.generate.backend, reg.model(model_id)["path"],
-                                              resolve_device(cfg.run.device))
+        common = dict(judge_model_id=model_id, template_hash=template_hash, sampling=params.as_dict(), run_id=run_id,
+                      iteration=iteration, stage_run_id=sid, config_hash=cfg.config_hash())
+
+        def ids_of(batch: list) -> list[str]:
+            return [f"j-{content_hash([sid, x['candidate_id'], k])}" for x in batch for k in range(c.samples)]
+
+        for b, batch, ids in pending_batches(reg, "judge", "judgments", "judgment_id", cands, c.batch_size, ids_of,
+                                             f"judge (iteration {iteration})"):
             texts = [template.format(instruction=x["instruction"], response=x["response"]) for x in batch]
-            outs = backend.generate(texts, params, seed=batch_seed(sid, b, cfg.run.seed), chat=True)
+            outs = backend_for(cfg, reg, model_id).generate(texts, params, seed=batch_seed(sid, b, cfg.run.seed),
+                                                            chat=True)
+            samples = [(x, k, g) for x, gens in zip(batch, outs) for k, g in enumerate(gens)]
             rows = []
-            for x, jids, gens in zip(batch, ids, outs):
-                for k, (jid, g) in enumerate(zip(jids, gens)):
-                    parsed = parse_score(g.text)
-                    rows.append(dict(judgment_id=jid, candidate_id=x["candidate_id"], sample_index=k, raw_text=g.text,
-                                     score=parsed.score, parse_error=parsed.error, judge_model_id=model_id,
-                                     template_hash=template_hash, sampling=params.as_dict(), run_id=run_id,
-                                     iteration=iteration, stage_run_id=sid, config_hash=content_hash(inputs),
-                                     created_at=now()))
+            for jid, (x, k, g) in zip(ids, samples):
+                parsed = parse_score(g.text)
+                rows.append(dict(judgment_id=jid, candidate_id=x["candidate_id"], sample_index=k, raw_text=g.text,
+                                 score=parsed.score, parse_error=parsed.error, created_at=now(), **common))
             reg.insert("judgments", rows)
-            log_batch("judge", b, len(todo), len(rows))
         row = reg.rows(
             "SELECT count(*) AS samples, count(score) AS parsed, avg(score) AS mean_score, "
             "count(DISTINCT candidate_id) FILTER (WHERE score IS NOT NULL) AS scored_candidates "

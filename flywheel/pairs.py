@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 import duckdb
+import pyarrow.parquet as pq
 
 from .config import FlywheelConfig, content_hash
 from .registry import Registry
@@ -63,9 +64,9 @@ def write_snapshot(reg: Registry, sid: str) -> str:
     path = snapshot_path(reg, sid)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    rel = reg.con.sql(SNAPSHOT_SQL, params=[sid])
-    rows_hash = content_hash(rel.to_arrow_table().to_pylist())
-    rel.write_parquet(str(tmp), compression="zstd")
+    table = reg.con.sql(SNAPSHOT_SQL, params=[sid]).to_arrow_table()
+    rows_hash = content_hash(table.to_pylist())
+    pq.write_table(table, tmp, compression="zstd")
     os.replace(tmp, path)  # readers see the old file or the whole new one, never half of one
     return rows_hash
 
@@ -93,7 +94,7 @@ def build_pairs(cfg: FlywheelConfig, run_id: str, iteration: int, judge_sid: str
     def work(reg: Registry, sid: str) -> dict:
         with reg.transaction() as con:
             con.execute(PAIRS_SQL, dict(judge_sid=judge_sid, sid=sid, run_id=run_id, iteration=iteration,
-                                        config_hash=content_hash(inputs), min_margin=cfg.pairs.min_margin))
+                                        config_hash=cfg.config_hash(), min_margin=cfg.pairs.min_margin))
         rows_hash = write_snapshot(reg, sid)
         row = reg.rows(
             "SELECT count(DISTINCT c.prompt_id) AS prompts FROM judgments j JOIN candidates c USING (candidate_id) "
@@ -101,7 +102,7 @@ def build_pairs(cfg: FlywheelConfig, run_id: str, iteration: int, judge_sid: str
         stats = reg.rows("SELECT count(*) AS pairs, avg(chosen_score - rejected_score) AS mean_margin "
                          "FROM pairs WHERE stage_run_id = ?", [sid])[0]
         return {"pairs": stats["pairs"], "prompts_scored": row["prompts"],
-                "dropped_ties": row["prompts"] - stats["pairs"],
+                "unpaired": row["prompts"] - stats["pairs"],  # best and worst tied, or within min_margin
                 "mean_margin": round(stats["mean_margin"], 3) if stats["pairs"] else None,
                 "snapshot": str(snapshot_path(reg, sid)), "snapshot_hash": rows_hash}
 

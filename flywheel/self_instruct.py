@@ -11,12 +11,10 @@ from __future__ import annotations
 import random
 import re
 
-from .backends import SamplingParams, make_backend
+from .backends import SamplingParams
 from .config import FlywheelConfig, content_hash
-from .models import resolve_device
-from .progress import progress
 from .registry import Registry, now
-from .stage import StageResult, batch_seed, batches, load_template, log_batch, run_stage
+from .stage import StageResult, backend_for, batch_seed, load_template, pending_batches, run_stage
 
 _WORD = re.compile(r"[a-z0-9]+")
 
@@ -73,20 +71,20 @@ def self_instruct(cfg: FlywheelConfig, run_id: str, iteration: int, model_id: st
             "ORDER BY prompt_id", [[seeds_sid, *earlier_sids], sid])
         kept = [words(r["text"]) for r in pool]
         params = SamplingParams(n=1, temperature=c.temperature, top_p=c.top_p, max_new_tokens=c.max_new_tokens)
-        backend = None
-        todo = list(batches(list(range(c.num_prompts)), c.batch_size))
-        for b, attempts in progress(todo, f"self-instruct (iteration {iteration})"):
-            ids = [f"p-{content_hash([sid, i])}" for i in attempts]
-            if reg.existing("prompts", "prompt_id", ids) == set(ids):
-                continue  # committed before a crash
+
+        def ids_of(attempts: list) -> list[str]:
+            return [f"p-{content_hash([sid, i])}" for i in attempts]
+
+        all_attempts = list(range(c.num_prompts))
+        for b, attempts, ids in pending_batches(reg, "self_instruct", "prompts", "prompt_id", all_attempts,
+                                                c.batch_size, ids_of, f"self-instruct (iteration {iteration})"):
             shots = []
             for i in attempts:
                 rng = random.Random(content_hash([sid, i, "shots"]))
                 shots.append(rng.sample(examples, min(c.few_shot, len(examples))))
             texts = [template.format(examples="\n".join(f"Task: {e['text']}" for e in s)) for s in shots]
-            backend = backend or make_backend(cfg.generate.backend, reg.model(model_id)["path"],
-                                              resolve_device(cfg.run.device))
-            outs = backend.generate(texts, params, seed=batch_seed(sid, b, cfg.run.seed), chat=False)
+            outs = backend_for(cfg, reg, model_id).generate(texts, params, seed=batch_seed(sid, b, cfg.run.seed),
+                                                            chat=False)
             rows = []
             for pid, shot, out in zip(ids, shots, outs):
                 text = out[0].text.split("\n")[0].strip()
@@ -96,9 +94,8 @@ def self_instruct(cfg: FlywheelConfig, run_id: str, iteration: int, model_id: st
                 rows.append(dict(prompt_id=pid, run_id=run_id, iteration=iteration, source="self_instruct",
                                  text=text, reference=None, seed_id=None, few_shot_ids=[e["prompt_id"] for e in shot],
                                  kept=reason is None, drop_reason=reason, model_id=model_id, stage_run_id=sid,
-                                 config_hash=content_hash(inputs), created_at=now()))
+                                 config_hash=cfg.config_hash(), created_at=now()))
             reg.insert("prompts", rows)
-            log_batch("self_instruct", b, len(todo), len(rows))
         counts = reg.rows("SELECT coalesce(drop_reason, 'kept') AS k, count(*) AS n FROM prompts WHERE stage_run_id = ? "
                           "GROUP BY ALL ORDER BY k", [sid])
         by = {r["k"]: r["n"] for r in counts}

@@ -16,9 +16,12 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
+from .backends import GenerationBackend, make_backend
 from .config import FlywheelConfig, content_hash
+from .models import resolve_device
+from .progress import progress
 from .registry import Registry
 
 log = logging.getLogger("flywheel")
@@ -50,7 +53,7 @@ def run_stage(
     t0 = time.perf_counter()
     with Registry(cfg.registry.root) as reg:
         ledger = reg.begin_stage(
-            sid, run_id=run_id, iteration=iteration, stage=stage, model_id=model_id, config_hash=content_hash(inputs)
+            sid, run_id=run_id, iteration=iteration, stage=stage, model_id=model_id, config_hash=cfg.config_hash()
         )
         if ledger.done:
             return StageResult(stage, sid, ledger.stats, skipped=True, seconds=time.perf_counter() - t0)
@@ -63,19 +66,28 @@ def run_stage(
     return StageResult(stage, sid, stats, skipped=False, seconds=time.perf_counter() - t0)
 
 
-def batches(items: list, size: int):
-    """(index, batch) over fixed-size chunks: fixed boundaries make per-batch seeds, and so resumes, reproducible."""
-    for i in range(0, len(items), size):
-        yield i // size, items[i : i + size]
-
-
-def log_batch(stage: str, index: int, total: int, rows: int) -> None:
-    """One line per committed batch: what a crash can lose is at most the batch after the last such line."""
-    log.info("%s: committed batch %d/%d (%d rows)", stage, index + 1, total, rows)
+def pending_batches(reg: Registry, stage: str, table: str, key: str, items: list, size: int,
+                    ids_of: Callable[[list], list[str]], description: str) -> Iterator[tuple[int, list, list[str]]]:
+    """The resume mechanism of every long stage: (index, batch, row ids) for each fixed-size batch of `items` whose
+    rows are not all in `table` yet. The caller inserts a batch's rows in one transaction before asking for the next;
+    then this logs the commit, so a crash loses at most the batch after the last logged one. Fixed boundaries keep
+    per-batch seeds, and so a resumed stage's output, identical to an uninterrupted one's."""
+    todo = [items[i : i + size] for i in range(0, len(items), size)]
+    for b, batch in enumerate(progress(todo, description)):
+        ids = ids_of(batch)
+        if reg.existing(table, key, ids) == set(ids):
+            continue  # committed before a crash
+        yield b, batch, ids
+        log.info("%s: committed batch %d/%d (%d rows)", stage, b + 1, len(todo), len(ids))
 
 
 def batch_seed(stage_run_id: str, batch_index: int, run_seed: int) -> int:
     return int(content_hash([stage_run_id, batch_index, run_seed], 8), 16)
+
+
+def backend_for(cfg: FlywheelConfig, reg: Registry, model_id: str) -> GenerationBackend:
+    """The configured generation backend on a registered model (loaded once, shared by consecutive stages)."""
+    return make_backend(cfg.generate.backend, reg.model(model_id)["path"], resolve_device(cfg.run.device))
 
 
 def load_template(reg: Registry, path, name: str) -> tuple[str, str]:

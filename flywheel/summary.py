@@ -11,7 +11,7 @@ from rich.table import Table
 from .registry import Registry
 
 METRICS = ["model", "prompts made", "prompts kept", "dropped", "candidates", "judge samples", "parse failures",
-           "mean judge score", "pairs", "ties dropped", "DPO loss", "time (s)"]
+           "mean judge score", "pairs", "unpaired (tie)", "DPO loss", "time (s)"]
 
 
 def collect(reg: Registry, run_id: str) -> list[dict]:
@@ -57,7 +57,7 @@ def metric_column(it: dict) -> list[str]:
         f"{fails} ({100 * fails / samples:.1f}%)" if samples else "-",
         str(jd.get("mean_score", "-")),
         str(pr.get("pairs", "-")),
-        str(pr.get("dropped_ties", "-")),
+        str(pr.get("unpaired", "-")),
         f"{dpo['train_loss']:.3f}" if "train_loss" in dpo else "-",
         f"{it['seconds']:.0f}",
     ]

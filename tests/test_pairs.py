@@ -1,6 +1,5 @@
 """The pair SQL on a real DuckDB registry, with judgments written by hand so every case is known."""
 
-import duckdb
 import pytest
 
 from flywheel.config import load_config
@@ -54,7 +53,7 @@ def test_best_vs_worst_with_ties_and_failures(cfg):
     assert (pairs["p1"]["chosen_score"], pairs["p1"]["rejected_score"]) == (4.0, 1.5)
     assert (pairs["p4"]["chosen_id"], pairs["p4"]["rejected_id"]) == ("i", "j")
     assert all(p["chosen_score"] > p["rejected_score"] for p in pairs.values())
-    assert result.stats["pairs"] == 2 and result.stats["prompts_scored"] == 4 and result.stats["dropped_ties"] == 2
+    assert result.stats["pairs"] == 2 and result.stats["prompts_scored"] == 4 and result.stats["unpaired"] == 2
 
     with Registry(cfg.registry.root) as reg:
         snap = read_snapshot(reg, result.stage_run_id, result.stats["snapshot_hash"])
