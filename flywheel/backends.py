@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from . import timing
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -67,17 +69,18 @@ class TransformersBackend(GenerationBackend):
         enc = enc.to(self.device)
         torch.manual_seed(seed)
         sample = params.temperature > 0
-        out = self.model.generate(
+        with timing.compute():
+            out = self.model.generate(
             **enc,
-            do_sample=sample,
-            temperature=params.temperature if sample else None,
-            top_p=params.top_p if sample else None,
-            top_k=None,
-            max_new_tokens=params.max_new_tokens,
-            num_return_sequences=params.n,
-            pad_token_id=tok.pad_token_id,
-            eos_token_id=tok.eos_token_id,
-        )
+                do_sample=sample,
+                temperature=params.temperature if sample else None,
+                top_p=params.top_p if sample else None,
+                top_k=None,
+                max_new_tokens=params.max_new_tokens,
+                num_return_sequences=params.n,
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id,
+            )
         new_tokens = out[:, enc["input_ids"].shape[1] :].tolist()
         results: list[list[Generation]] = []
         for i, ids in enumerate(new_tokens):
@@ -99,8 +102,10 @@ BACKENDS = {"transformers": TransformersBackend}
 _loaded: tuple[tuple, GenerationBackend] | None = None
 
 
-def make_backend(name: str, model_path: str, device: str) -> GenerationBackend:
+def make_backend(gen, model_path: str, device: str) -> GenerationBackend:
+    """`gen` is the config's `generate` section (GenerateConfig)."""
     global _loaded
+    name = gen.backend
     if name not in BACKENDS:
         raise ValueError(f"unknown generation backend {name!r}; available: {', '.join(BACKENDS)}")
     key = (name, str(model_path), device)

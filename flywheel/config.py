@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -64,9 +64,13 @@ class ModelConfig(_Section):
     tiny: TinyModelConfig = TinyModelConfig()
 
 
+SeedFormat = Literal["auto", "flywheel", "oasst", "self_instruct", "alpaca", "chat"]
+
+
 class SeedsConfig(_Section):
     path: Path = Path("seeds/demo.jsonl")
-    eft: bool = Field(True, description="Add judge-training (EFT) examples built from the seeds to M1's SFT data.")
+    format: SeedFormat = Field("auto", description="Seed file format; 'auto' decides from the file name and records.")
+    eft: bool = Field(True, description="Add judge-training (EFT) examples to M1's SFT data.")
 
 
 class SFTConfig(_Section):
@@ -88,6 +92,12 @@ class SelfInstructConfig(_Section):
     min_words: int = Field(3, ge=1)
     max_words: int = Field(150, ge=1)
     dedup_threshold: float = Field(0.7, gt=0, le=1, description="ROUGE-L F at or above which a prompt is a near-duplicate.")
+    seed_shots: int = Field(6, ge=0, description="Of the few_shot examples, how many are seed prompts (paper: 6 of 8); "
+                            "the rest are earlier generated prompts, or seeds while there are none yet.")
+    banned_keywords: list[str] = Field(
+        default_factory=lambda: ["image", "images", "graph", "graphs", "picture", "pictures", "file", "files", "map",
+                                 "maps", "draw", "plot", "go to", "video", "audio", "music", "flowchart", "diagram"],
+        description="Drop prompts naming things a text model cannot see or make (Self-Instruct's list).")
     batch_size: int = Field(32, ge=1)
 
 
@@ -98,9 +108,30 @@ class SamplingSection(_Section):
     batch_size: int = Field(16, ge=1, description="Prompts per generate() call.")
 
 
+class OpenAIBackendConfig(_Section):
+    """Any OpenAI-compatible server (vLLM serve, SGLang, TGI, a hosted API, `flywheel serve`)."""
+
+    base_url: str = "http://127.0.0.1:8000/v1"
+    model: str | None = Field(None, description="Served model name; default: the registered model's path.")
+    api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the API key (never logged).")
+    max_concurrency: int = Field(8, ge=1)
+    max_retries: int = Field(5, ge=0, description="Retries on 429, 5xx and timeouts, with exponential backoff.")
+    backoff_s: float = Field(1.0, ge=0)
+    timeout_s: float = Field(120.0, gt=0)
+
+
+class VLLMBackendConfig(_Section):
+    tensor_parallel_size: int = Field(1, ge=1)
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    dtype: str = "auto"
+    max_model_len: int | None = None
+
+
 class GenerateConfig(SamplingSection):
-    backend: Literal["transformers"] = "transformers"
+    backend: Literal["transformers", "vllm", "openai"] = "transformers"
     n: int = Field(4, ge=2, description="Candidates per prompt (paper: 4).")
+    openai: OpenAIBackendConfig = OpenAIBackendConfig()
+    vllm: VLLMBackendConfig = VLLMBackendConfig()
 
 
 class JudgeConfig(SamplingSection):
@@ -108,18 +139,139 @@ class JudgeConfig(SamplingSection):
     samples: int = Field(3, ge=1, description="Judge samples per candidate, averaged (paper: 3).")
 
 
+class RuleRewardConfig(_Section):
+    """A rule-based reward for verifiable tasks, scored against the prompt's reference answer."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_]+$")
+    kind: Literal["exact", "regex", "python"]
+    pattern: str | None = Field(None, description="regex: the answer is group 1 (or the whole match) of this pattern.")
+    checker: str | None = Field(None, description="python: 'module:function' taking (prompt, response, reference) "
+                                "and returning a float.")
+
+    @model_validator(mode="after")
+    def _needs(self) -> "RuleRewardConfig":
+        if self.kind == "regex" and not self.pattern:
+            raise ValueError("a regex rule needs 'pattern'")
+        if self.kind == "python" and not self.checker:
+            raise ValueError("a python rule needs 'checker' ('module:function')")
+        return self
+
+
+class RewardConfig(_Section):
+    """Reward signals besides the judge, and how they are combined into the score that pairs are built from."""
+
+    coherent: bool = Field(False, description="Compute the coherent reward log p_SFT(y|x) - log p_PT(y|x) (SRPPO).")
+    normalize_by_length: bool = Field(False, description="Divide the coherent reward by the response's token count.")
+    batch_size: int = Field(16, ge=1)
+    rules: list[RuleRewardConfig] = Field(default_factory=list)
+    weights: dict[str, float] = Field(
+        default_factory=lambda: {"judge": 1.0},
+        description="Signal -> weight: 'judge', 'coherent', or a rule's name. Each signal is z-scored within its "
+                    "prompt, then summed with these weights; a single signal is used as it is.")
+
+
 class PairsConfig(_Section):
     min_margin: float = Field(0.0, ge=0, description="Keep a pair only if chosen - rejected > min_margin (ties always dropped).")
+    rho: float | list[float] = Field(
+        0.0, description="Length control (Meta-Rewarding): 0 is plain best/worst; a list gives one value per iteration.")
+
+    @field_validator("rho")
+    @classmethod
+    def _rho_range(cls, v):
+        for r in v if isinstance(v, list) else [v]:
+            if not 0 <= r <= 1:
+                raise ValueError("each rho must be within [0, 1]")
+        return v
+
+    def rho_for(self, iteration: int) -> float:
+        return per_iteration(self.rho, iteration)
+
+
+class LoraConfig(_Section):
+    enabled: bool = False
+    r: int = Field(8, ge=1)
+    alpha: int = Field(16, ge=1)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | str = "all-linear"
 
 
 class DPOConfig(_Section):
-    """DPO through TRL (paper: beta 0.1, lr 1e-6 -> 1e-7, batch 16)."""
+    """DPO through TRL (paper: beta 0.1, lr 1e-6 -> 1e-7, batch 16, dropout 0.1)."""
 
     beta: float = Field(0.1, gt=0)
     learning_rate: float = Field(1e-6, gt=0)
+    min_lr_ratio: float = Field(0.1, gt=0, le=1, description="The learning rate decays (cosine) to this fraction.")
     epochs: float = Field(1.0, gt=0)
     batch_size: int = Field(16, ge=1)
     max_length: int = Field(1024, ge=16)
+    dropout: float = Field(0.1, ge=0, lt=1)
+    reference: Literal["previous", "m1"] = Field(
+        "previous", description="Reference model: M_t (the model being trained from) or M1 throughout.")
+    lora: LoraConfig = LoraConfig()
+
+
+class PPOConfig(_Section):
+    """PPO with the coherent reward, as SRPPO: policy and reference from M_t, a value head, GAE, clipped surrogate."""
+
+    steps: int = Field(20, ge=1, description="PPO rollouts (each: sample, score, then ppo_epochs of updates).")
+    rollout_batch_size: int = Field(16, ge=1)
+    minibatch_size: int = Field(8, ge=1)
+    ppo_epochs: int = Field(2, ge=1)
+    learning_rate: float = Field(1e-6, gt=0)
+    value_learning_rate: float | None = Field(None, description="Default: learning_rate.")
+    kl_coef: float = Field(0.05, ge=0)
+    clip_range: float = Field(0.2, gt=0)
+    clip_range_value: float = Field(0.2, gt=0)
+    gamma: float = Field(1.0, gt=0, le=1)
+    lam: float = Field(0.95, gt=0, le=1)
+    whiten_rewards: bool = True
+    temperature: float = Field(0.7, gt=0)
+    top_p: float = Field(0.9, gt=0, le=1)
+    max_new_tokens: int = Field(256, ge=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+
+
+class OnlineRLConfig(_Section):
+    """GRPO / RLOO through TRL, with the coherent and rule rewards as reward functions."""
+
+    learning_rate: float = Field(1e-6, gt=0)
+    num_generations: int = Field(4, ge=2)
+    batch_size: int = Field(8, ge=1, description="Completions per step (a multiple of num_generations).")
+    max_steps: int = Field(20, ge=1)
+    beta: float = Field(0.04, ge=0, description="KL coefficient against the reference model.")
+    temperature: float = Field(0.7, gt=0)
+    max_completion_length: int = Field(256, ge=1)
+
+
+class RSSFTConfig(_Section):
+    """Rejection-sampling fine-tuning: the best of the N candidates by the combined reward, then SFT."""
+
+    epochs: float = Field(1.0, gt=0)
+    learning_rate: float = Field(5.5e-6, gt=0)
+    batch_size: int = Field(16, ge=1)
+    max_length: int = Field(1024, ge=16)
+    min_score: float | None = Field(None, description="Keep a best candidate only if its combined score is at least this.")
+
+
+Trainer = Literal["dpo", "ppo", "grpo", "rloo", "rs-sft"]
+
+
+class LaunchConfig(_Section):
+    """Where training runs: in this process, or as a separate `accelerate launch` process (frees GPU memory)."""
+
+    mode: Literal["inprocess", "accelerate"] = "inprocess"
+    num_processes: int = Field(1, ge=1)
+    num_machines: int = Field(1, ge=1)
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    deepspeed_config: Path | None = Field(None, description="A DeepSpeed ZeRO JSON (see configs/deepspeed/).")
+
+
+class TrainConfig(_Section):
+    trainer: Trainer | list[Trainer] = Field("dpo", description="One trainer, or a list with one per iteration.")
+    launch: LaunchConfig = LaunchConfig()
+
+    def trainer_for(self, iteration: int) -> str:
+        return per_iteration(self.trainer, iteration)
 
 
 class FlywheelConfig(_Section):
@@ -131,11 +283,36 @@ class FlywheelConfig(_Section):
     self_instruct: SelfInstructConfig = SelfInstructConfig()
     generate: GenerateConfig = GenerateConfig()
     judge: JudgeConfig = JudgeConfig()
+    reward: RewardConfig = RewardConfig()
     pairs: PairsConfig = PairsConfig()
+    train: TrainConfig = TrainConfig()
     dpo: DPOConfig = DPOConfig()
+    ppo: PPOConfig = PPOConfig()
+    grpo: OnlineRLConfig = OnlineRLConfig()
+    rloo: OnlineRLConfig = OnlineRLConfig()
+    rs_sft: RSSFTConfig = RSSFTConfig()
+
+    @model_validator(mode="after")
+    def _signals_known(self) -> "FlywheelConfig":
+        known = {"judge", "coherent", *(r.name for r in self.reward.rules)}
+        unknown = sorted(set(self.reward.weights) - known)
+        if unknown:
+            raise ValueError(f"reward.weights names unknown signal(s) {unknown}; known: {sorted(known)}")
+        if self.reward.weights.get("coherent") and not self.reward.coherent:
+            raise ValueError("reward.weights gives 'coherent' a weight but reward.coherent is false")
+        if not any(self.reward.weights.values()):
+            raise ValueError("reward.weights: at least one signal needs a non-zero weight")
+        return self
 
     def config_hash(self) -> str:
         return content_hash(self.model_dump(mode="json"))
+
+
+def per_iteration(value, iteration: int):
+    """A setting that is one value, or a list with one value per iteration (1-based; the last repeats)."""
+    if isinstance(value, list):
+        return value[min(iteration, len(value)) - 1]
+    return value
 
 
 def content_hash(obj: Any, length: int = 16) -> str:
@@ -170,7 +347,8 @@ def _format_errors(err: ValidationError) -> str:
     for e in err.errors():
         field = ".".join(str(p) for p in e["loc"]) or "(top level)"
         msg = "unknown key (not a field of this section)" if e["type"] == "extra_forbidden" else e["msg"]
-        got = "" if e["type"] == "extra_forbidden" else f", got {e['input']!r}"
+        msg = msg.removeprefix("Value error, ")
+        got = "" if e["type"] == "extra_forbidden" or not e["loc"] or isinstance(e["input"], dict) else f", got {e['input']!r}"
         lines.append(f"  {field}: {msg}{got}")
     return "invalid config:\n" + "\n".join(lines)
 

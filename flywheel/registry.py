@@ -23,7 +23,13 @@ from typing import Any, Iterator
 
 import duckdb
 
+SCHEMA_VERSION = 2
+
 SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    key           VARCHAR PRIMARY KEY,
+    value         VARCHAR NOT NULL
+);
 CREATE TABLE IF NOT EXISTS runs (
     run_id        VARCHAR PRIMARY KEY,
     name          VARCHAR NOT NULL,
@@ -73,13 +79,16 @@ CREATE TABLE IF NOT EXISTS models (
     model_id      VARCHAR PRIMARY KEY,
     run_id        VARCHAR NOT NULL,
     name          VARCHAR NOT NULL,            -- PT, M1, M2, ...
-    kind          VARCHAR NOT NULL,            -- base | sft | dpo
+    kind          VARCHAR NOT NULL,            -- base | sft | dpo | ppo | grpo | rloo | rs-sft
     iteration     INTEGER NOT NULL,
     parent_id     VARCHAR,
     path          VARCHAR NOT NULL,
     stage_run_id  VARCHAR NOT NULL,
     config_hash   VARCHAR NOT NULL,
     metrics       JSON,
+    ref_model_id  VARCHAR,                     -- the reference model of DPO/PPO/GRPO/RLOO (KL anchor)
+    dataset_version VARCHAR,                   -- the dataset version it was trained on (dataset_versions)
+    train_config  JSON,                        -- the trainer's own config section
     created_at    TIMESTAMPTZ NOT NULL
 );
 CREATE TABLE IF NOT EXISTS prompts (
@@ -92,10 +101,19 @@ CREATE TABLE IF NOT EXISTS prompts (
     seed_id       VARCHAR,
     few_shot_ids  VARCHAR[],                   -- prompts shown to the model that wrote this one
     kept          BOOLEAN NOT NULL,
-    drop_reason   VARCHAR,                     -- empty | too_short | too_long | duplicate | near_duplicate
+    drop_reason   VARCHAR,                     -- empty | too_short | too_long | banned_keyword | not_instruction
+                                               -- | duplicate | near_duplicate
     model_id      VARCHAR,
     stage_run_id  VARCHAR NOT NULL,
     config_hash   VARCHAR NOT NULL,
+    created_at    TIMESTAMPTZ NOT NULL
+);
+CREATE TABLE IF NOT EXISTS seed_responses (      -- human-written replies to seed prompts, with their human rank
+    response_id   VARCHAR PRIMARY KEY,
+    prompt_id     VARCHAR NOT NULL,            -- a seed prompt (prompts.source = 'seed')
+    text          VARCHAR NOT NULL,
+    human_rank    INTEGER,                     -- 0 = best; NULL when the format has no ranking
+    stage_run_id  VARCHAR NOT NULL,
     created_at    TIMESTAMPTZ NOT NULL
 );
 CREATE TABLE IF NOT EXISTS candidates (
@@ -136,15 +154,50 @@ CREATE TABLE IF NOT EXISTS pairs (
     prompt_id     VARCHAR NOT NULL,
     chosen_id     VARCHAR NOT NULL,
     rejected_id   VARCHAR NOT NULL,
-    chosen_score  DOUBLE NOT NULL,
+    chosen_score  DOUBLE NOT NULL,             -- the combined score pairs were chosen by
     rejected_score DOUBLE NOT NULL,
+    signals       JSON NOT NULL,               -- {"weights": {...}, "rho": r, "chosen": {signal: raw}, "rejected": {...}}
     run_id        VARCHAR NOT NULL,
     iteration     INTEGER NOT NULL,
     stage_run_id  VARCHAR NOT NULL,
     config_hash   VARCHAR NOT NULL,
     created_at    TIMESTAMPTZ NOT NULL
 );
+CREATE TABLE IF NOT EXISTS rewards (
+    reward_id     VARCHAR PRIMARY KEY,
+    candidate_id  VARCHAR NOT NULL,
+    signal        VARCHAR NOT NULL,            -- coherent | the name of a rule reward
+    value         DOUBLE,                      -- NULL when it could not be computed (error says why)
+    error         VARCHAR,
+    details       JSON,                        -- coherent: logp_sft, logp_pt, tokens; rule: what was extracted
+    policy_model_id VARCHAR,                   -- coherent: the SFT model
+    ref_model_id  VARCHAR,                     -- coherent: the PT model
+    run_id        VARCHAR NOT NULL,
+    iteration     INTEGER NOT NULL,
+    stage_run_id  VARCHAR NOT NULL,
+    config_hash   VARCHAR NOT NULL,
+    created_at    TIMESTAMPTZ NOT NULL
+);
+CREATE TABLE IF NOT EXISTS dataset_versions (
+    version_id    VARCHAR PRIMARY KEY,         -- <name>-<sha256 prefix>: same content, same version
+    name          VARCHAR NOT NULL,            -- prompts | candidates | judgments | rewards | pairs | train
+    run_id        VARCHAR NOT NULL,            -- the run that first froze it
+    iteration     INTEGER NOT NULL,
+    stage_run_id  VARCHAR NOT NULL,
+    num_rows      BIGINT NOT NULL,
+    schema        JSON NOT NULL,
+    sha256        VARCHAR NOT NULL,
+    path          VARCHAR NOT NULL,
+    derived_from  VARCHAR[],                   -- version ids it was made from
+    code_hash     VARCHAR NOT NULL,
+    config_hash   VARCHAR NOT NULL,
+    created_at    TIMESTAMPTZ NOT NULL
+);
 """
+
+
+class RegistrySchemaError(RuntimeError):
+    """The registry file was written by a flywheel with another schema."""
 
 
 def now() -> datetime:
@@ -178,6 +231,18 @@ class Registry:
                 f"the registry {self.path} is in use by another process ({e}); wait for it to finish"
             ) from None
         self.con.execute(SCHEMA)
+        found = self.scalar("SELECT value FROM meta WHERE key = 'schema_version'")
+        if found is None:
+            if self.scalar("SELECT count(*) FROM runs"):
+                found = "1"  # written before the schema was versioned
+            else:
+                self.con.execute("INSERT INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
+                found = str(SCHEMA_VERSION)
+        if found != str(SCHEMA_VERSION):
+            self.con.close()
+            raise RegistrySchemaError(
+                f"the registry {self.path} has schema version {found}, this flywheel writes version "
+                f"{SCHEMA_VERSION}; move {self.root} aside (or `make clean-registry`) and run again")
 
     # --- plumbing -------------------------------------------------------------------------------------------------
     def close(self) -> None:

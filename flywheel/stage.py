@@ -18,8 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
+from . import timing
 from .backends import GenerationBackend, make_backend
 from .config import FlywheelConfig, content_hash
+from .datasets import freeze_stage_outputs
 from .models import resolve_device
 from .progress import progress
 from .registry import Registry
@@ -57,11 +59,17 @@ def run_stage(
         )
         if ledger.done:
             return StageResult(stage, sid, ledger.stats, skipped=True, seconds=time.perf_counter() - t0)
+        timing.reset()
         try:
             stats = work(reg, sid)
         except BaseException as e:
             reg.fail_stage(sid, f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=5)}")
             raise
+        stats = {**stats, "compute_s": round(timing.seconds(), 3), "wall_s": round(time.perf_counter() - t0, 3)}
+        versions = freeze_stage_outputs(reg, stage, sid, run_id=run_id, iteration=iteration, inputs=inputs,
+                                        config_hash=cfg.config_hash())
+        if versions:
+            stats["dataset_versions"] = versions
         reg.end_stage(sid, stats)
     return StageResult(stage, sid, stats, skipped=False, seconds=time.perf_counter() - t0)
 
@@ -87,7 +95,7 @@ def batch_seed(stage_run_id: str, batch_index: int, run_seed: int) -> int:
 
 def backend_for(cfg: FlywheelConfig, reg: Registry, model_id: str) -> GenerationBackend:
     """The configured generation backend on a registered model (loaded once, shared by consecutive stages)."""
-    return make_backend(cfg.generate.backend, reg.model(model_id)["path"], resolve_device(cfg.run.device))
+    return make_backend(cfg.generate, reg.model(model_id)["path"], resolve_device(cfg.run.device))
 
 
 def load_template(reg: Registry, path, name: str) -> tuple[str, str]:

@@ -20,6 +20,8 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from trl import DPOConfig as TRLDPOConfig
 from trl import DPOTrainer, SFTConfig, SFTTrainer
 
+from . import timing
+
 # Keep the trainers' own step progress bar; silence per-map bars, load/save bars and a deprecation TRL triggers.
 datasets.disable_progress_bars()
 transformers.utils.logging.set_verbosity_error()
@@ -62,6 +64,11 @@ def _common_args(device: str, seed: int, out_dir: str) -> dict[str, Any]:
     )
 
 
+def _timed_train(trainer):
+    with timing.compute():
+        return trainer.train()
+
+
 def _final_metrics(trainer, train_output) -> dict[str, float]:
     logs = [h for h in trainer.state.log_history if "loss" in h]
     metrics = {"train_loss": float(train_output.training_loss), "steps": int(trainer.state.global_step)}
@@ -84,7 +91,7 @@ def causal_lm_train(model, tokenizer, texts: list[str], *, steps: int, lr: float
         )
         trainer = _quiet(SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict({"text": texts}),
                                     processing_class=tokenizer))
-        return _final_metrics(trainer, trainer.train())
+        return _final_metrics(trainer, _timed_train(trainer))
 
 
 def sft_train(model, tokenizer, examples: list[dict], *, epochs: float, lr: float, batch_size: int, max_length: int,
@@ -101,7 +108,7 @@ def sft_train(model, tokenizer, examples: list[dict], *, epochs: float, lr: floa
         )
         trainer = _quiet(SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict(rows),
                                     processing_class=tokenizer))
-        return _final_metrics(trainer, trainer.train())
+        return _final_metrics(trainer, _timed_train(trainer))
 
 
 def dpo_train(model, tokenizer, pairs: list[dict], *, beta: float, lr: float, epochs: float, batch_size: int,
@@ -121,5 +128,5 @@ def dpo_train(model, tokenizer, pairs: list[dict], *, beta: float, lr: float, ep
         )
         trainer = _quiet(DPOTrainer(model=model, ref_model=None, args=args, train_dataset=Dataset.from_dict(rows),
                                     processing_class=tokenizer))
-        return _final_metrics(trainer, trainer.train())
+        return _final_metrics(trainer, _timed_train(trainer))
 
