@@ -1,13 +1,21 @@
-"""Pairs: per prompt, chosen = the best-scored candidate and rejected = the worst, in one SQL statement.
+"""Pairs: per prompt, chosen = the best-scored candidate and rejected = the worst, in SQL.
 
-A candidate's score is the mean of its valid judge samples (parse failures excluded; a candidate with none is left
-out). Prompts whose best and worst tie (or differ by no more than `pairs.min_margin`) are dropped. Ties in the
-arg_max/arg_min are broken by candidate id, so the same judgments always give the same pairs. The stage also freezes
-the training set (prompt, chosen and rejected text) as a Parquet snapshot that DPO reads.
+A candidate's signals are the mean of its valid judge samples (parse failures excluded) and, when a reward stage ran,
+its coherent and rule rewards. With one signal weighted (the default: the judge), the score is that signal as it is.
+With several, each is z-scored within its prompt and the weighted sum is the score (`reward.weights`). A candidate
+missing a weighted signal (e.g. no valid judge sample) is left out, never scored 0.
+
+Selection is the paper's best vs worst; with length control (`pairs.rho` > 0, Meta-Rewarding) the chosen is the
+shortest candidate in the top band [(1-rho)*Smax + rho*Smin, Smax] and the rejected the longest in the bottom band
+[Smin, (1-rho)*Smin + rho*Smax]. Prompts whose chosen and rejected tie (or differ by no more than `pairs.min_margin`)
+are dropped. Remaining ties are broken by candidate id, so the same scores always give the same pairs. Each pair records
+the signals, weights and rho that made it. The stage also freezes the training set (prompt, chosen and rejected text)
+as a Parquet snapshot that DPO reads.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -18,24 +26,54 @@ from .config import FlywheelConfig, content_hash
 from .registry import Registry
 from .stage import StageResult, run_stage
 
-PAIRS_SQL = """
-INSERT INTO pairs
-WITH scored AS (                -- one row per candidate: the mean of its valid judge samples
-    SELECT c.prompt_id, c.candidate_id, avg(j.score) AS score
-    FROM candidates c JOIN judgments j USING (candidate_id)
-    WHERE j.stage_run_id = $judge_sid AND j.score IS NOT NULL
-    GROUP BY c.prompt_id, c.candidate_id
-), extremes AS (                -- per prompt: best and worst candidate (ties broken by id)
-    SELECT prompt_id,
-           arg_max(candidate_id, (score, candidate_id)) AS chosen_id,  max(score) AS chosen_score,
-           arg_min(candidate_id, (score, candidate_id)) AS rejected_id, min(score) AS rejected_score
-    FROM scored GROUP BY prompt_id
+# One row per candidate that has every weighted signal: its raw signals and its combined score.
+SCORED_CTE = """
+judge AS (                      -- the judge signal: mean of the valid samples
+    SELECT candidate_id, 'judge' AS signal, avg(score) AS value
+    FROM judgments WHERE stage_run_id = $judge_sid AND score IS NOT NULL
+    GROUP BY candidate_id
+), signals AS (                 -- long format: (candidate, signal, value), weighted signals only
+    SELECT c.prompt_id, c.candidate_id, c.num_tokens, s.signal, s.value, w.weight
+    FROM (SELECT * FROM judge
+          UNION ALL
+          SELECT candidate_id, signal, value FROM rewards WHERE stage_run_id = $reward_sid AND value IS NOT NULL) s
+    JOIN (SELECT unnest($weights, recursive := true)) w USING (signal)
+    JOIN candidates c USING (candidate_id)
+), complete AS (                -- candidates with every weighted signal
+    SELECT * FROM signals
+    QUALIFY count(*) OVER (PARTITION BY candidate_id) = len($weights)
+), scored AS (
+    SELECT prompt_id, candidate_id, any_value(num_tokens) AS num_tokens,
+           CASE WHEN len($weights) = 1 THEN any_value(value)
+                ELSE sum(weight * coalesce(z, 0)) END AS score,             -- z is NULL when a prompt's values all tie
+           json_group_object(signal, value) AS raw
+    FROM (SELECT *, (value - avg(value) OVER w) / nullif(stddev_pop(value) OVER w, 0) AS z
+          FROM complete WINDOW w AS (PARTITION BY prompt_id, signal))
+    GROUP BY prompt_id, candidate_id
 )
-SELECT 'pr-' || sha256(concat_ws('|', $sid, prompt_id, chosen_id, rejected_id))[:16],
-       prompt_id, chosen_id, rejected_id, chosen_score, rejected_score,
+"""
+
+PAIRS_SQL = f"""
+INSERT INTO pairs
+WITH {SCORED_CTE}, bands AS (
+    SELECT s.*, (1 - $rho) * max(score) OVER p + $rho * min(score) OVER p AS top_from,
+                (1 - $rho) * min(score) OVER p + $rho * max(score) OVER p AS bottom_to,
+                CASE WHEN $rho > 0 THEN -num_tokens ELSE 0 END AS shortness
+    FROM scored s WINDOW p AS (PARTITION BY prompt_id)
+), extremes AS (                -- top band: shortest (rho > 0), best, then id; bottom band: longest, worst, then id
+    SELECT prompt_id,
+           arg_max(candidate_id, (shortness, score, candidate_id)) FILTER (WHERE score >= top_from) AS chosen_id,
+           arg_min(candidate_id, (shortness, score, candidate_id)) FILTER (WHERE score <= bottom_to) AS rejected_id
+    FROM bands GROUP BY prompt_id
+)
+SELECT 'pr-' || sha256(concat_ws('|', $sid, e.prompt_id, chosen_id, rejected_id))[:16],
+       e.prompt_id, chosen_id, rejected_id, ch.score, rj.score,
+       json_object('weights', $weights_json::JSON, 'rho', $rho, 'chosen', ch.raw, 'rejected', rj.raw),
        $run_id, $iteration, $sid, $config_hash, now()
-FROM extremes
-WHERE chosen_score - rejected_score > $min_margin
+FROM extremes e
+JOIN scored ch ON ch.candidate_id = e.chosen_id
+JOIN scored rj ON rj.candidate_id = e.rejected_id
+WHERE ch.score - rj.score > $min_margin
 ON CONFLICT DO NOTHING
 """
 
@@ -49,6 +87,24 @@ JOIN candidates rj ON rj.candidate_id = pr.rejected_id
 WHERE pr.stage_run_id = ?
 ORDER BY pr.pair_id
 """
+
+
+def active_weights(cfg: FlywheelConfig) -> list[dict]:
+    return [{"signal": k, "weight": float(w)} for k, w in sorted(cfg.reward.weights.items()) if w]
+
+
+def _score_params(cfg: FlywheelConfig, judge_sid: str, reward_sid: str | None) -> dict:
+    return dict(judge_sid=judge_sid, reward_sid=reward_sid, weights=active_weights(cfg))
+
+
+def combined_scores(reg: Registry, cfg: FlywheelConfig, judge_sid: str, reward_sid: str | None) -> list[dict]:
+    """Every candidate with all weighted signals: prompt_id, candidate_id, score, raw signals, prompt and text."""
+    sql = f"""WITH {SCORED_CTE}
+        SELECT s.prompt_id, s.candidate_id, s.score, s.raw, s.num_tokens, p.text AS prompt, c.text AS text,
+               p.reference
+        FROM scored s JOIN candidates c USING (candidate_id) JOIN prompts p ON p.prompt_id = s.prompt_id
+        ORDER BY s.prompt_id, s.candidate_id"""
+    return reg.rows(sql, _score_params(cfg, judge_sid, reward_sid))
 
 
 class SnapshotError(RuntimeError):
@@ -88,22 +144,32 @@ def read_snapshot(reg: Registry, sid: str, expected_hash: str) -> list[dict]:
     return rows
 
 
-def build_pairs(cfg: FlywheelConfig, run_id: str, iteration: int, judge_sid: str) -> StageResult:
-    inputs = {"judgments": judge_sid, "cfg": cfg.pairs.model_dump()}
+def build_pairs(cfg: FlywheelConfig, run_id: str, iteration: int, judge_sid: str,
+                reward_sid: str | None = None) -> StageResult:
+    rho = cfg.pairs.rho_for(iteration)
+    weights = active_weights(cfg)
+    inputs = {"judgments": judge_sid, "rewards": reward_sid, "weights": weights, "rho": rho,
+              "min_margin": cfg.pairs.min_margin}
 
     def work(reg: Registry, sid: str) -> dict:
+        weights_json = json.dumps({w["signal"]: w["weight"] for w in weights})
         with reg.transaction() as con:
-            con.execute(PAIRS_SQL, dict(judge_sid=judge_sid, sid=sid, run_id=run_id, iteration=iteration,
+            con.execute(PAIRS_SQL, dict(**_score_params(cfg, judge_sid, reward_sid), weights_json=weights_json,
+                                        rho=rho, sid=sid, run_id=run_id, iteration=iteration,
                                         config_hash=cfg.config_hash(), min_margin=cfg.pairs.min_margin))
         rows_hash = write_snapshot(reg, sid)
-        row = reg.rows(
-            "SELECT count(DISTINCT c.prompt_id) AS prompts FROM judgments j JOIN candidates c USING (candidate_id) "
-            "WHERE j.stage_run_id = ? AND j.score IS NOT NULL", [judge_sid])[0]
-        stats = reg.rows("SELECT count(*) AS pairs, avg(chosen_score - rejected_score) AS mean_margin "
-                         "FROM pairs WHERE stage_run_id = ?", [sid])[0]
-        return {"pairs": stats["pairs"], "prompts_scored": row["prompts"],
-                "unpaired": row["prompts"] - stats["pairs"],  # best and worst tied, or within min_margin
+        prompts = reg.scalar(f"WITH {SCORED_CTE} SELECT count(DISTINCT prompt_id) FROM scored",
+                             _score_params(cfg, judge_sid, reward_sid))
+        stats = reg.rows(
+            "SELECT count(*) AS pairs, avg(chosen_score - rejected_score) AS mean_margin, "
+            "avg((ch.num_tokens > rj.num_tokens)::INT) AS chosen_longer FROM pairs pr "
+            "JOIN candidates ch ON ch.candidate_id = pr.chosen_id JOIN candidates rj ON rj.candidate_id = pr.rejected_id "
+            "WHERE pr.stage_run_id = ?", [sid])[0]
+        return {"pairs": stats["pairs"], "prompts_scored": prompts,
+                "unpaired": prompts - stats["pairs"],  # best and worst tied, or within min_margin
                 "mean_margin": round(stats["mean_margin"], 3) if stats["pairs"] else None,
+                "chosen_longer": round(stats["chosen_longer"], 3) if stats["pairs"] else None,
+                "signals": [w["signal"] for w in weights], "rho": rho,
                 "snapshot": str(snapshot_path(reg, sid)), "snapshot_hash": rows_hash}
 
     return run_stage(cfg, "pairs", run_id, iteration, None, inputs, work)

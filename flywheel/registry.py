@@ -270,8 +270,8 @@ class Registry:
         return [dict(zip(cols, r)) for r in cur.fetchall()]
 
     def scalar(self, sql: str, params: list | tuple = ()) -> Any:
-        row = self.con.execute(sql, params).fetchone()
-        return None if row is None else row[0]
+        rows = self.con.execute(sql, params).fetchall()  # fetchall: DuckDB 2.0 keeps a half-read result open
+        return rows[0][0] if rows else None
 
     def insert(self, table: str, rows: list[dict]) -> int:
         """Insert rows (dicts with the same keys); rows whose primary key exists already are left as they are."""

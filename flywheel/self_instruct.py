@@ -1,9 +1,15 @@
-"""Self-instruct: M_t writes new prompts from few-shot examples of the seed prompts; duplicates are dropped.
+"""Self-instruct: M_t writes new prompts from few-shot examples; near-duplicates and non-tasks are dropped.
 
-Every attempt is stored, kept or not; a dropped one records why (`empty`, `too_short`, `too_long`, `duplicate`,
-`near_duplicate`). Near-duplicate means ROUGE-L F >= `dedup_threshold` against any prompt kept so far: the seeds,
-prompts kept in earlier iterations of the run, and earlier attempts of this stage. Attempts are made in fixed batches
-in order, each batch with its own seed, so a resumed stage continues exactly where a killed one stopped.
+Few-shot (paper: 8-shot, 6 seed + 2 generated): each attempt shows `seed_shots` seed prompts and `few_shot -
+seed_shots` prompts generated and kept earlier in the run (earlier iterations and earlier batches of this stage), or
+more seeds while there are not enough generated ones. Each prompt records the ids of the examples that produced it.
+
+Every attempt is stored, kept or not; a dropped one records why: `empty`, `too_short`, `too_long`,
+`not_instruction` (starts with punctuation or a non-letter, or is mostly not words), `banned_keyword` (asks for
+something a text model cannot see or make: images, files, ...), `duplicate`, or `near_duplicate` (ROUGE-L F >=
+`dedup_threshold` against a prompt kept so far: seeds, earlier iterations, earlier attempts; see `dedup.py`).
+Attempts are made in fixed batches in order, each batch with its own seed, so a resumed stage continues exactly where
+a killed one stopped.
 """
 
 from __future__ import annotations
@@ -12,7 +18,8 @@ import random
 import re
 
 from .backends import SamplingParams
-from .config import FlywheelConfig, content_hash
+from .config import FlywheelConfig, SelfInstructConfig, content_hash
+from .dedup import NearDuplicateIndex, rouge_l  # noqa: F401  (rouge_l: re-exported for callers and tests)
 from .registry import Registry, now
 from .stage import StageResult, backend_for, batch_seed, load_template, pending_batches, run_stage
 
@@ -23,37 +30,65 @@ def words(text: str) -> list[str]:
     return _WORD.findall(text.lower())
 
 
-def rouge_l(a: list[str], b: list[str]) -> float:
-    """ROUGE-L F1 between two token lists: the longest common subsequence against both lengths."""
-    if not a or not b:
-        return 0.0
-    prev = [0] * (len(b) + 1)
-    for x in a:
-        cur = [0]
-        for j, y in enumerate(b):
-            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
-        prev = cur
-    lcs = prev[-1]
-    if lcs == 0:
-        return 0.0
-    p, r = lcs / len(b), lcs / len(a)
-    return 2 * p * r / (p + r)
+def _banned(text: str, keywords: list[str]) -> bool:
+    low = text.lower()
+    return any(re.search(rf"\b{re.escape(k.lower())}\b", low) for k in keywords)
 
 
-def filter_reason(text: str, kept: list[list[str]], cfg) -> str | None:
-    """Why a generated prompt is dropped, or None to keep it. `kept` holds the word lists of prompts kept so far."""
-    w = words(text)
+def _not_instruction(text: str) -> bool:
+    if not text[0].isalpha() or not text[0].isascii():
+        return True
+    letters = sum(ch.isalpha() or ch.isspace() for ch in text)
+    return letters < 0.6 * len(text)
+
+
+def filter_reason(text: str, index: NearDuplicateIndex, exact: set[tuple[str, ...]], cfg: SelfInstructConfig) -> str | None:
+    """Why a generated prompt is dropped, or None to keep it. `index` and `exact` hold the prompts kept so far."""
     if not text.strip():
         return "empty"
-    if len(text.split()) < cfg.min_words:
+    n = len(text.split())
+    if n < cfg.min_words:
         return "too_short"
-    if len(text.split()) > cfg.max_words:
+    if n > cfg.max_words:
         return "too_long"
-    if any(w == k for k in kept):
+    if _not_instruction(text):
+        return "not_instruction"
+    if _banned(text, cfg.banned_keywords):
+        return "banned_keyword"
+    w = words(text)
+    if tuple(w) in exact:
         return "duplicate"
-    if any(rouge_l(w, k) >= cfg.dedup_threshold for k in kept):
+    if index.best(w)[0] >= cfg.dedup_threshold:
         return "near_duplicate"
     return None
+
+
+class KeptPrompts:
+    """The prompts kept so far, for the duplicate checks."""
+
+    def __init__(self, threshold: float, texts: list[str] = ()):
+        self.index = NearDuplicateIndex(threshold)
+        self.exact: set[tuple[str, ...]] = set()
+        for t in texts:
+            self.add(t)
+
+    def add(self, text: str) -> None:
+        w = words(text)
+        self.index.add(w)
+        self.exact.add(tuple(w))
+
+    def reason(self, text: str, cfg: SelfInstructConfig) -> str | None:
+        return filter_reason(text, self.index, self.exact, cfg)
+
+
+def few_shot(seeds: list[dict], generated: list[dict], cfg: SelfInstructConfig, key: list) -> list[dict]:
+    """`cfg.seed_shots` seed prompts and the rest generated ones (seeds again while too few are generated)."""
+    rng = random.Random(content_hash(key))
+    k_gen = min(cfg.few_shot - min(cfg.seed_shots, cfg.few_shot), len(generated))
+    k_seed = min(cfg.few_shot - k_gen, len(seeds))
+    shots = rng.sample(seeds, k_seed) + rng.sample(generated, k_gen)
+    rng.shuffle(shots)
+    return shots
 
 
 def self_instruct(cfg: FlywheelConfig, run_id: str, iteration: int, model_id: str, seeds_sid: str,
@@ -65,11 +100,11 @@ def self_instruct(cfg: FlywheelConfig, run_id: str, iteration: int, model_id: st
               "template": template_hash, "seed": cfg.run.seed}
 
     def work(reg: Registry, sid: str) -> dict:
-        examples = reg.rows("SELECT prompt_id, text FROM prompts WHERE stage_run_id = ? ORDER BY prompt_id", [seeds_sid])
-        pool = reg.rows(
-            "SELECT text FROM prompts WHERE kept AND (stage_run_id IN (SELECT unnest(?)) OR stage_run_id = ?) "
-            "ORDER BY prompt_id", [[seeds_sid, *earlier_sids], sid])
-        kept = [words(r["text"]) for r in pool]
+        seeds = reg.rows("SELECT prompt_id, text FROM prompts WHERE stage_run_id = ? ORDER BY prompt_id", [seeds_sid])
+        # generated prompts kept so far: earlier iterations, and batches of this stage committed before a crash
+        generated = reg.rows("SELECT prompt_id, text FROM prompts WHERE kept AND stage_run_id IN (SELECT unnest(?)) "
+                             "ORDER BY prompt_id", [[*earlier_sids, sid]])
+        kept = KeptPrompts(c.dedup_threshold, [r["text"] for r in seeds + generated])
         params = SamplingParams(n=1, temperature=c.temperature, top_p=c.top_p, max_new_tokens=c.max_new_tokens)
 
         def ids_of(attempts: list) -> list[str]:
@@ -78,19 +113,18 @@ def self_instruct(cfg: FlywheelConfig, run_id: str, iteration: int, model_id: st
         all_attempts = list(range(c.num_prompts))
         for b, attempts, ids in pending_batches(reg, "self_instruct", "prompts", "prompt_id", all_attempts,
                                                 c.batch_size, ids_of, f"self-instruct (iteration {iteration})"):
-            shots = []
-            for i in attempts:
-                rng = random.Random(content_hash([sid, i, "shots"]))
-                shots.append(rng.sample(examples, min(c.few_shot, len(examples))))
+            pool = sorted(generated, key=lambda r: r["prompt_id"])  # the same order after a resume
+            shots = [few_shot(seeds, pool, c, [sid, i, "shots"]) for i in attempts]
             texts = [template.format(examples="\n".join(f"Task: {e['text']}" for e in s)) for s in shots]
             outs = backend_for(cfg, reg, model_id).generate(texts, params, seed=batch_seed(sid, b, cfg.run.seed),
                                                             chat=False)
             rows = []
             for pid, shot, out in zip(ids, shots, outs):
                 text = out[0].text.split("\n")[0].strip()
-                reason = filter_reason(text, kept, c)
+                reason = kept.reason(text, c)
                 if reason is None:
-                    kept.append(words(text))
+                    kept.add(text)
+                    generated.append({"prompt_id": pid, "text": text})
                 rows.append(dict(prompt_id=pid, run_id=run_id, iteration=iteration, source="self_instruct",
                                  text=text, reference=None, seed_id=None, few_shot_ids=[e["prompt_id"] for e in shot],
                                  kept=reason is None, drop_reason=reason, model_id=model_id, stage_run_id=sid,

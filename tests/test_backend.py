@@ -1,8 +1,10 @@
-"""The transformers backend on a small real model: shapes, seeding, finish reasons, chat formatting."""
+"""The transformers backend on a small real model: shapes, seeding, finish reasons, chat formatting; make_backend's
+one-slot cache and its key."""
 
 import pytest
 
-from flywheel.backends import SamplingParams, TransformersBackend, make_backend
+from flywheel.backends import SamplingParams, TransformersBackend, make_backend, release_backends
+from flywheel.config import GenerateConfig
 from tests.tiny import save_random_tiny_model
 
 PROMPTS = ["What is a noun?", "List three colours.", "Explain why ice floats on water, briefly please."]
@@ -48,15 +50,29 @@ def test_chat_formatting_uses_the_template(backend):
 
 
 def test_unknown_backend_is_a_clear_error():
-    with pytest.raises(ValueError, match="unknown generation backend 'nope'; available: transformers"):
-        make_backend("nope", "unused", "cpu")
+    gen = GenerateConfig.model_construct(backend="nope")  # the config refuses it; make_backend must too
+    with pytest.raises(ValueError, match="unknown generation backend 'nope'; available: transformers, vllm, openai"):
+        make_backend(gen, "unused", "cpu")
 
 
 def test_one_loaded_backend_is_shared_until_released(tmp_path):
-    from flywheel.backends import release_backends
-
     path = str(save_random_tiny_model(tmp_path / "tiny"))
-    first = make_backend("transformers", path, "cpu")
-    assert make_backend("transformers", path, "cpu") is first  # self-instruct, generate, judge: one load
+    gen = GenerateConfig(backend="transformers")
+    first = make_backend(gen, path, "cpu")
+    assert make_backend(gen, path, "cpu") is first  # self-instruct, generate, judge: one load
+    assert make_backend(GenerateConfig(backend="transformers", n=8, temperature=0.1), path, "cpu") is first  # sampling
     release_backends()  # what a training stage does before loading its own copy
-    assert make_backend("transformers", path, "cpu") is not first
+    assert make_backend(gen, path, "cpu") is not first
+    release_backends()
+
+
+def test_backend_options_are_part_of_the_cache_key():
+    a = GenerateConfig(backend="openai", openai={"base_url": "http://127.0.0.1:1/v1"})
+    b = GenerateConfig(backend="openai", openai={"base_url": "http://127.0.0.1:2/v1"})
+    first = make_backend(a, "models/m1", "cpu")
+    assert make_backend(a.model_copy(), "models/m1", "cpu") is first
+    assert make_backend(b, "models/m1", "cpu") is not first  # another server is another backend
+    second = make_backend(b, "models/m1", "cpu")
+    assert second.base_url == "http://127.0.0.1:2/v1"
+    assert make_backend(b, "models/m2", "cpu") is not second  # another model too
+    release_backends()

@@ -3,14 +3,16 @@
 import pytest
 
 from flywheel.config import load_config
-from flywheel.pairs import SnapshotError, build_pairs, read_snapshot, snapshot_path
+import json
+
+from flywheel.pairs import SnapshotError, build_pairs, combined_scores, read_snapshot, snapshot_path
 from flywheel.registry import Registry, now
 
 JUDGE_SID = "judge-test"
 
 
-def _write(reg, scores: dict[str, dict[str, list[float | None]]]):
-    """scores: prompt -> candidate -> judge sample scores (None = a parse failure)."""
+def _write(reg, scores: dict[str, dict[str, list[float | None]]], lengths: dict[str, int] | None = None):
+    """scores: prompt -> candidate -> judge sample scores (None = a parse failure); lengths: candidate -> tokens."""
     common = dict(run_id="r", iteration=1, config_hash="h", created_at=now())
     for p, cands in scores.items():
         reg.insert("prompts", [dict(prompt_id=p, source="self_instruct", text=f"question {p}", reference=None,
@@ -18,7 +20,7 @@ def _write(reg, scores: dict[str, dict[str, list[float | None]]]):
                                     stage_run_id="si", **common)])
         for c, samples in cands.items():
             reg.insert("candidates", [dict(candidate_id=c, prompt_id=p, sample_index=0, text=f"answer {c}",
-                                           num_tokens=2, finish_reason="stop", model_id="m", backend="transformers",
+                                           num_tokens=(lengths or {}).get(c, 2), finish_reason="stop", model_id="m", backend="transformers",
                                            sampling={}, seed=0, stage_run_id="gen", **common)])
             reg.insert("judgments", [
                 dict(judgment_id=f"{c}-{k}", candidate_id=c, sample_index=k, raw_text=f"Score: {s}", score=s,
@@ -32,8 +34,8 @@ def cfg(tmp_path):
     return load_config(None, [f"registry.root={tmp_path}"])
 
 
-def _pairs(cfg, **over):
-    result = build_pairs(cfg, "r", 1, JUDGE_SID)
+def _pairs(cfg, reward_sid=None):
+    result = build_pairs(cfg, "r", 1, JUDGE_SID, reward_sid)
     with Registry(cfg.registry.root) as reg:
         rows = reg.rows("SELECT * FROM pairs WHERE stage_run_id = ? ORDER BY prompt_id", [result.stage_run_id])
     return result, {r["prompt_id"]: r for r in rows}
@@ -107,3 +109,59 @@ def test_snapshot_is_checked_on_read(cfg):
 
         path.unlink()  # missing: derived data, rewritten from the registry
         assert read_snapshot(reg, sid, expected) == good
+
+
+def test_length_control_picks_shortest_top_and_longest_bottom(cfg):
+    # scores a=5 b=4.5 c=3 d=1 e=0.5; rho=0.2 over [0.5, 5]: top band >= 4.1 (a, b), bottom band <= 1.4 (d, e)
+    with Registry(cfg.registry.root) as reg:
+        _write(reg, {"p1": {"a": [5], "b": [4.5], "c": [3], "d": [1], "e": [0.5]}},
+               lengths={"a": 50, "b": 10, "c": 5, "d": 40, "e": 20})
+    _, plain = _pairs(cfg)
+    assert (plain["p1"]["chosen_id"], plain["p1"]["rejected_id"]) == ("a", "e")   # rho = 0: best vs worst
+    cfg.pairs.rho = [0.0, 0.2]  # one value per iteration: iteration 1 uses 0.0, so ask for iteration 2
+    result = build_pairs(cfg, "r", 2, JUDGE_SID)
+    with Registry(cfg.registry.root) as reg:
+        row = reg.rows("SELECT * FROM pairs WHERE stage_run_id = ?", [result.stage_run_id])[0]
+    assert (row["chosen_id"], row["rejected_id"]) == ("b", "d")   # shortest of the top band, longest of the bottom
+    assert json.loads(row["signals"])["rho"] == 0.2 and result.stats["rho"] == 0.2
+
+
+def _rewards(reg, values: dict[str, float | None], signal="coherent", sid="reward-test"):
+    reg.insert("rewards", [dict(reward_id=f"{signal}-{c}", candidate_id=c, signal=signal, value=v,
+                                error=None if v is not None else "failed", details={}, policy_model_id="sft",
+                                ref_model_id="pt", run_id="r", iteration=1, stage_run_id=sid, config_hash="h",
+                                created_at=now()) for c, v in values.items()])
+    return sid
+
+
+def test_judge_and_coherent_reward_are_z_scored_and_summed(cfg):
+    # judge: a=4 b=3 c=2 (z = 1.22, 0, -1.22); coherent: a=-10 b=30 c=-20 (z = -0.46, 1.39, -0.93)
+    # sum: a=0.76 b=1.39 c=-2.15 -> chosen b, rejected c. Judge alone would choose a.
+    with Registry(cfg.registry.root) as reg:
+        _write(reg, {"p1": {"a": [4], "b": [3], "c": [2]}, "p2": {"d": [5], "e": [1], "f": [3]}})
+        sid = _rewards(reg, {"a": -10.0, "b": 30.0, "c": -20.0, "d": 1.0, "e": 2.0, "f": None})
+    cfg.reward.coherent = True
+    cfg.reward.weights = {"judge": 1.0, "coherent": 1.0}
+    result, pairs = _pairs(cfg, reward_sid=sid)
+    assert (pairs["p1"]["chosen_id"], pairs["p1"]["rejected_id"]) == ("b", "c")
+    assert pairs["p1"]["chosen_score"] == pytest.approx(0.0 + (30 - 0) / (1400 / 3) ** 0.5, abs=1e-9)
+    signals = json.loads(pairs["p1"]["signals"])
+    assert signals["weights"] == {"coherent": 1.0, "judge": 1.0}
+    assert signals["chosen"] == {"judge": 3.0, "coherent": 30.0} and signals["rejected"] == {"judge": 2.0, "coherent": -20.0}
+    # f has no coherent reward: it is left out, so p2 pairs d and e only (z: d = (1, -1), e = (-1, 1) -> a tie: dropped)
+    assert "p2" not in pairs and result.stats["signals"] == ["coherent", "judge"]
+
+    with Registry(cfg.registry.root) as reg:
+        rows = combined_scores(reg, cfg, JUDGE_SID, sid)
+    assert {r["candidate_id"] for r in rows} == {"a", "b", "c", "d", "e"}
+
+
+def test_coherent_reward_alone_is_used_as_it_is(cfg):
+    with Registry(cfg.registry.root) as reg:
+        _write(reg, {"p1": {"a": [5], "b": [1], "c": [None]}})
+        sid = _rewards(reg, {"a": -3.0, "b": 7.5, "c": 1.0})
+    cfg.reward.coherent = True
+    cfg.reward.weights = {"judge": 0.0, "coherent": 1.0}
+    _, pairs = _pairs(cfg, reward_sid=sid)
+    assert (pairs["p1"]["chosen_id"], pairs["p1"]["rejected_id"]) == ("b", "a")   # c counts: the judge is not weighted
+    assert (pairs["p1"]["chosen_score"], pairs["p1"]["rejected_score"]) == (7.5, -3.0)
