@@ -9,7 +9,7 @@ from __future__ import annotations
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from flywheel import bootstrap, dpo, generate, judge, pairs, runs, self_instruct
+from flywheel import bootstrap, dpo, generate, judge, pairs, ppo, reward_stage, runs, self_instruct, trainers
 from flywheel.config import FlywheelConfig
 
 
@@ -23,20 +23,37 @@ sft_task = _task(bootstrap.train_sft, "sft-M1")
 self_instruct_task = _task(self_instruct.self_instruct, "self-instruct")
 generate_task = _task(generate.generate, "generate")
 judge_task = _task(judge.judge, "judge")
+reward_task = _task(reward_stage.reward, "reward")
 pairs_task = _task(pairs.build_pairs, "pairs")
-dpo_task = _task(dpo.train_dpo, "dpo")
+train_tasks = {
+    "dpo": _task(dpo.train_dpo, "train-dpo"),
+    "ppo": _task(ppo.train_ppo, "train-ppo"),
+    "grpo": _task(trainers.train_grpo, "train-grpo"),
+    "rloo": _task(trainers.train_rloo, "train-rloo"),
+    "rs-sft": _task(trainers.train_rs_sft, "train-rs-sft"),
+}
 
 
 @flow(name="flywheel-iteration", flow_run_name="iteration-{iteration}")
 def iteration_flow(cfg: FlywheelConfig, run_id: str, iteration: int, model_id: str, seeds_sid: str,
-                   earlier_prompt_sids: list[str]) -> dict:
-    """M_t -> M_{t+1}: self-instruct, generate, judge, pairs, DPO."""
+                   earlier_prompt_sids: list[str], pt_id: str, m1_id: str) -> dict:
+    """M_t -> M_{t+1}: self-instruct, generate, judge, [reward], pairs, then the iteration's trainer."""
     runs.start_iteration(cfg, run_id, iteration, model_id)
     prompts = self_instruct_task(cfg, run_id, iteration, model_id, seeds_sid, earlier_prompt_sids)
     candidates = generate_task(cfg, run_id, iteration, model_id, prompts.stage_run_id)
     judged = judge_task(cfg, run_id, iteration, model_id, candidates.stage_run_id)
-    pair_set = pairs_task(cfg, run_id, iteration, judged.stage_run_id)
-    trained = dpo_task(cfg, run_id, iteration, model_id, pair_set)
+    reward_sid = None
+    if cfg.reward.coherent or cfg.reward.rules:
+        reward_sid = reward_task(cfg, run_id, iteration, candidates.stage_run_id, m1_id, pt_id).stage_run_id
+    pair_set = pairs_task(cfg, run_id, iteration, judged.stage_run_id, reward_sid)
+    trainer = cfg.train.trainer_for(iteration)
+    train = train_tasks[trainer]
+    if trainer == "dpo":
+        trained = train(cfg, run_id, iteration, model_id, pair_set, m1_id)
+    elif trainer == "rs-sft":
+        trained = train(cfg, run_id, iteration, model_id, judged.stage_run_id, reward_sid)
+    else:  # online RL on the iteration's prompts: ppo, grpo, rloo
+        trained = train(cfg, run_id, iteration, model_id, prompts.stage_run_id, m1_id, pt_id)
     runs.finish_iteration(cfg, run_id, iteration, trained.stats["model_id"])
     return {"model_id": trained.stats["model_id"], "prompts_sid": prompts.stage_run_id}
 
@@ -48,10 +65,11 @@ def flywheel_flow(cfg: FlywheelConfig) -> str:
     try:
         seeds = seeds_task(cfg, run_id)
         base = base_task(cfg, run_id, seeds.stage_run_id)
-        model_id = sft_task(cfg, run_id, base.stats["model_id"], seeds.stage_run_id).stats["model_id"]
-        earlier: list[str] = []
+        pt_id = base.stats["model_id"]
+        m1_id = sft_task(cfg, run_id, pt_id, seeds.stage_run_id).stats["model_id"]
+        model_id, earlier = m1_id, []
         for t in range(1, cfg.run.iterations + 1):
-            out = iteration_flow(cfg, run_id, t, model_id, seeds.stage_run_id, earlier)
+            out = iteration_flow(cfg, run_id, t, model_id, seeds.stage_run_id, earlier, pt_id, m1_id)
             model_id = out["model_id"]
             earlier.append(out["prompts_sid"])
     except BaseException:
