@@ -1,40 +1,51 @@
-"""Train: DPO (TRL) on the iteration's pair snapshot turns M_t into M_{t+1}, which is saved and registered."""
+"""Train: DPO (TRL) on the iteration's pair snapshot turns M_t into M_{t+1}, which is saved and registered.
+
+    train_dpo(cfg, run_id, iteration, model_id, pairs, m1_id)
+
+Settings come from the `dpo` section (paper defaults: beta 0.1, lr 1e-6 decaying by cosine to `min_lr_ratio` of it,
+batch 16, dropout 0.1, which on Llama is attention_dropout). `dpo.reference`: `previous` trains against M_t (TRL keeps
+a frozen copy), `m1` against M1 throughout. `dpo.lora.enabled` trains LoRA adapters through peft and merges them into
+the weights before saving, so every later stage loads a plain model. The model row records its reference model, the
+dataset version (the pair snapshot's hash), the `dpo` section as train_config (plus the dropout fields it set) and the
+final metrics. The load-train-save-register shape is `flywheel.trainers.train_stage`; with
+`train.launch.mode: accelerate` training runs in an `accelerate launch` child process.
+"""
 
 from __future__ import annotations
 
-from .backends import release_backends
 from .config import FlywheelConfig
-from .models import load, resolve_device, save_atomically
 from .pairs import read_snapshot
 from .registry import Registry
-from .stage import StageResult, run_stage
-from .train import dpo_train
+from .stage import StageResult
+from .launch import TrainJob
+from .trainers import train_stage
 
 
 class NoPairsError(RuntimeError):
     pass
 
 
-def train_dpo(cfg: FlywheelConfig, run_id: str, iteration: int, model_id: str, pairs: StageResult) -> StageResult:
-    """`pairs` is the pairs stage's result: its id and the hash of the snapshot it froze."""
+def train_dpo(cfg: FlywheelConfig, run_id: str, iteration: int, model_id: str, pairs: StageResult,
+              m1_id: str | None = None) -> StageResult:
+    """`pairs` is the pairs stage's result: its id and the hash of the snapshot it froze. `m1_id` is needed when
+    `dpo.reference` is `m1`."""
     c = cfg.dpo
-    device = resolve_device(cfg.run.device)
-    inputs = {"model": model_id, "pairs": pairs.stage_run_id, "cfg": c.model_dump(), "seed": cfg.run.seed}
+    if c.reference == "m1" and not m1_id:
+        raise ValueError("dpo.reference is 'm1' but train_dpo was not given m1_id")
+    ref_model_id = m1_id if c.reference == "m1" else model_id
+    inputs = {"model": model_id, "pairs": pairs.stage_run_id, "cfg": c.model_dump(mode="json"), "seed": cfg.run.seed,
+              "ref": ref_model_id}
 
-    def work(reg: Registry, sid: str) -> dict:
-        rows = read_snapshot(reg, pairs.stage_run_id, pairs.stats["snapshot_hash"])
+    def make_job(reg: Registry, sid: str) -> tuple[TrainJob, dict]:
+        snapshot_hash = pairs.stats["snapshot_hash"]
+        rows = read_snapshot(reg, pairs.stage_run_id, snapshot_hash)
         training_pairs = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows]
         if not training_pairs:
             raise NoPairsError(f"iteration {iteration} produced no preference pairs (all prompts tied or unscored); "
                                "see the judge stage's parse failures and the pairs stage's dropped ties")
-        release_backends()
-        model, tokenizer = load(reg.model(model_id)["path"], device)
-        metrics = dpo_train(model, tokenizer, training_pairs, beta=c.beta, lr=c.learning_rate, epochs=c.epochs,
-                            batch_size=c.batch_size, max_length=c.max_length, device=device, seed=cfg.run.seed)
-        save_atomically(model, tokenizer, reg.model_dir(sid))
-        reg.register_model(model_id=sid, run_id=run_id, name=f"M{iteration + 1}", kind="dpo", iteration=iteration,
-                           parent_id=model_id, path=str(reg.model_dir(sid)), stage_run_id=sid,
-                           config_hash=cfg.config_hash(), metrics={**metrics, "pairs": len(training_pairs)})
-        return {"model_id": sid, "path": str(reg.model_dir(sid)), "pairs": len(training_pairs), **metrics}
+        ref_path = reg.model(ref_model_id)["path"] if ref_model_id != model_id else None  # None: TRL copies M_t
+        job = TrainJob("dpo", reg.model(model_id)["path"], str(reg.model_dir(sid)), training_pairs, ref_path=ref_path)
+        return job, {"ref_model_id": ref_model_id, "dataset_version": snapshot_hash,
+                     "stats": {"pairs": len(training_pairs)}}
 
-    return run_stage(cfg, "dpo", run_id, iteration, model_id, inputs, work)
+    return train_stage(cfg, "dpo", run_id, iteration, model_id, inputs, make_job)

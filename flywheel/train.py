@@ -1,7 +1,16 @@
-"""Training steps, each a thin call into TRL: causal-LM pretraining and SFT (SFTTrainer), DPO (DPOTrainer).
+"""Training steps, each a thin call into TRL: pretraining and SFT (SFTTrainer), DPO (DPOTrainer), GRPO and RLOO.
 
-The functions take a loaded model and plain Python rows, train in place, and return the final metrics. They know
-nothing of the registry; the stages in `bootstrap.py` and `dpo.py` decide what to train on and where it is saved.
+The functions take a loaded model and plain Python rows, train in place, and return the final metrics; given
+`save_dir` they also save the trained model there atomically (see `_save`). They know nothing of the registry: the
+stages in `bootstrap.py`, `dpo.py` and `trainers.py` decide what to train on and where it is saved.
+
+    metrics = dpo_train(model, tok, pairs, beta=0.1, lr=1e-6, epochs=1, batch_size=16, max_length=1024,
+                        device="cpu", seed=0, min_lr_ratio=0.1, dropout=0.1, lora=cfg.dpo.lora, save_dir=path)
+    metrics = grpo_train(model, tok, [{"prompt": ..., "reference": ...}], [reward_fn], cfg.grpo, device="cpu", seed=0)
+
+Prompts and answers go through the model's chat template (one user turn, one assistant turn), for every trainer; so a
+GRPO/RLOO reward function receives `completions` as conversations, `[[{"role": "assistant", "content": text}], ...]`,
+and every other dataset column (here `reference`) as a keyword argument with one value per completion.
 On CPU we turn off what TRL defaults to for GPUs (bf16, gradient checkpointing): both fail or crawl there.
 """
 
@@ -9,16 +18,20 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
 import warnings
-from typing import Any
+from pathlib import Path
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 import datasets
+import torch
 import transformers
 from datasets import Dataset
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from trl import DPOConfig as TRLDPOConfig
-from trl import DPOTrainer, SFTConfig, SFTTrainer
+from trl import DPOTrainer, GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer, SFTConfig, SFTTrainer
 
 from . import timing
 
@@ -28,7 +41,15 @@ transformers.utils.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
 logging.getLogger("trl").setLevel(logging.WARNING)
 warnings.filterwarnings("ignore", message=".*gradient_checkpointing.* is deprecated", category=FutureWarning)
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+DPO_METRICS = ("rewards/margins", "rewards/accuracies", "rewards/chosen", "rewards/rejected")
+ONLINE_METRICS = ("reward", "reward_std", "kl", "entropy", "completions/mean_length", "completions/clipped_ratio")
+
+# Config attributes that hold a dropout probability, across common architectures (Llama has attention_dropout only).
+DROPOUT_KEYS = ("attention_dropout", "hidden_dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop",
+                "hidden_dropout_prob", "attention_probs_dropout_prob", "dropout")
 
 
 class _StepBar(ProgressCallback):
@@ -69,19 +90,99 @@ def _timed_train(trainer):
         return trainer.train()
 
 
-def _final_metrics(trainer, train_output) -> dict[str, float]:
+def _final_metrics(trainer, train_output, keys: tuple[str, ...] = DPO_METRICS) -> dict[str, float]:
     logs = [h for h in trainer.state.log_history if "loss" in h]
-    metrics = {"train_loss": float(train_output.training_loss), "steps": int(trainer.state.global_step)}
+    steps = int(trainer.state.global_step)
+    metrics = {"train_loss": float(train_output.training_loss), "steps": steps}
+    runtime = train_output.metrics.get("train_runtime")
+    if runtime and steps:
+        metrics["seconds_per_step"] = round(float(runtime) / steps, 4)
     if logs:
+        metrics["first_loss"] = float(logs[0]["loss"])
         metrics["final_loss"] = float(logs[-1]["loss"])
-        for key in ("rewards/margins", "rewards/accuracies", "rewards/chosen", "rewards/rejected"):
-            if key in logs[-1]:
-                metrics[key.replace("/", "_")] = float(logs[-1][key])
+        last = logs[-1]
+        wanted = [*keys, *(k for k in last if k.startswith("rewards/") and k.endswith("/mean"))]
+        for key in dict.fromkeys(wanted):
+            if key in last:
+                metrics[key.replace("/", "_")] = float(last[key])
     return metrics
 
 
+def _save(trainer, tokenizer, final_dir: str | Path) -> None:
+    """Save the trained model as a plain model, atomically: LoRA adapters are merged into the weights first, so every
+    later stage loads it with from_pretrained. Written to a sibling temp folder and renamed into place by the main
+    process; `trainer.save_model` gathers ZeRO-3 shards when run under DeepSpeed. Every process must call this."""
+    final_dir = Path(final_dir)
+    tmp = final_dir.with_name(f".{final_dir.name}.tmp-train")
+    acc = trainer.accelerator
+    if acc.is_main_process:
+        final_dir.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    acc.wait_for_everyone()
+    model = acc.unwrap_model(trainer.model)
+    if _is_peft(model):
+        if acc.is_main_process:
+            model.merge_and_unload().save_pretrained(tmp)
+    else:
+        trainer.save_model(str(tmp))  # writes on the main process only
+    if acc.is_main_process:
+        tokenizer.save_pretrained(tmp)
+        if final_dir.exists():  # left by a run killed between rename and registration: same key, same content
+            shutil.rmtree(final_dir)
+        os.replace(tmp, final_dir)
+    acc.wait_for_everyone()
+
+
+def _is_peft(model) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)
+
+
+def _finish(trainer, tokenizer, keys, save_dir) -> dict[str, float]:
+    metrics = _final_metrics(trainer, _timed_train(trainer), keys)
+    if save_dir is not None:
+        _save(trainer, tokenizer, save_dir)
+    return metrics
+
+
+@contextmanager
+def dropout_set_to(model, p: float) -> Iterator[list[str]]:
+    """Within the block, every dropout probability the architecture has is `p`: the config's dropout fields, the
+    modules that copied them when built (Llama's attention layers keep `attention_dropout`, its only dropout) and
+    nn.Dropout layers (LoRA's own dropout excepted). Yields the config fields set; restores everything on exit, so a
+    saved model's config is unchanged."""
+    fields = [k for k in DROPOUT_KEYS if isinstance(getattr(model.config, k, None), float | int)]
+    old_config = {k: getattr(model.config, k) for k in fields}
+    old_attrs, old_layers = [], []
+    for name, module in model.named_modules():
+        if "lora_" in name:
+            continue
+        if isinstance(module, torch.nn.Dropout):
+            old_layers.append((module, module.p))
+            module.p = p
+        else:
+            for k in fields:
+                if isinstance(getattr(module, k, None), float | int) and module is not model:
+                    old_attrs.append((module, k, getattr(module, k)))
+                    setattr(module, k, p)
+    for k in fields:
+        setattr(model.config, k, p)
+    try:
+        yield fields
+    finally:
+        for k, v in old_config.items():
+            setattr(model.config, k, v)
+        for module, k, v in old_attrs:
+            setattr(module, k, v)
+        for module, v in old_layers:
+            module.p = v
+
+
 def causal_lm_train(model, tokenizer, texts: list[str], *, steps: int, lr: float, batch_size: int, max_length: int,
-                    device: str, seed: int) -> dict[str, float]:
+                    device: str, seed: int, save_dir: str | Path | None = None) -> dict[str, float]:
     """Plain next-token training on unlabelled text (how the tiny base model is made)."""
     with tempfile.TemporaryDirectory() as out:
         args = SFTConfig(
@@ -91,11 +192,11 @@ def causal_lm_train(model, tokenizer, texts: list[str], *, steps: int, lr: float
         )
         trainer = _quiet(SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict({"text": texts}),
                                     processing_class=tokenizer))
-        return _final_metrics(trainer, _timed_train(trainer))
+        return _finish(trainer, tokenizer, (), save_dir)
 
 
 def sft_train(model, tokenizer, examples: list[dict], *, epochs: float, lr: float, batch_size: int, max_length: int,
-              device: str, seed: int) -> dict[str, float]:
+              device: str, seed: int, save_dir: str | Path | None = None) -> dict[str, float]:
     """SFT on {"prompt", "completion"} rows, as chat turns; the loss covers the completion only."""
     rows = {
         "prompt": [[{"role": "user", "content": e["prompt"]}] for e in examples],
@@ -108,25 +209,99 @@ def sft_train(model, tokenizer, examples: list[dict], *, epochs: float, lr: floa
         )
         trainer = _quiet(SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict(rows),
                                     processing_class=tokenizer))
-        return _final_metrics(trainer, _timed_train(trainer))
+        return _finish(trainer, tokenizer, (), save_dir)
+
+
+def peft_lora_config(lora):
+    """A peft LoraConfig from the `dpo.lora` section (None when LoRA is off)."""
+    if lora is None or not lora.enabled:
+        return None
+    from peft import LoraConfig as PeftLoraConfig
+
+    return PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                          target_modules=lora.target_modules, task_type="CAUSAL_LM")
 
 
 def dpo_train(model, tokenizer, pairs: list[dict], *, beta: float, lr: float, epochs: float, batch_size: int,
-              max_length: int, device: str, seed: int) -> dict[str, float]:
-    """DPO on {"prompt", "chosen", "rejected"} rows (plain strings), against a frozen copy of the model as reference.
-    The learning rate decays by cosine to a tenth of its start (paper: 1e-6 -> 1e-7)."""
+              max_length: int, device: str, seed: int, min_lr_ratio: float = 0.1, dropout: float = 0.0,
+              lora=None, ref_model=None, save_dir: str | Path | None = None) -> dict[str, float]:
+    """DPO on {"prompt", "chosen", "rejected"} rows (plain strings).
+
+    - The learning rate decays by cosine to `min_lr_ratio` of its start (paper: 1e-6 -> 1e-7).
+    - `dropout` is set on the policy while it trains (`dropout_set_to`; on Llama that is attention_dropout, on the
+      attention probabilities) and the config's values are restored afterwards, so the saved config is unchanged.
+      TRL's own dropout switch-off is not used, since it would undo this.
+    - `ref_model=None`: the reference is the model as it is now (TRL reloads it from its path; with LoRA, the model
+      with adapters disabled, which then runs with the policy's dropout). Otherwise the given model (e.g. M1),
+      used in eval mode.
+    - `lora` (the `dpo.lora` section): train LoRA adapters through peft, merged into the weights before saving.
+    """
     rows = {
         "prompt": [[{"role": "user", "content": p["prompt"]}] for p in pairs],
         "chosen": [[{"role": "assistant", "content": p["chosen"]}] for p in pairs],
         "rejected": [[{"role": "assistant", "content": p["rejected"]}] for p in pairs],
     }
+    if ref_model is not None:
+        ref_model.eval()
     with tempfile.TemporaryDirectory() as out:
         args = TRLDPOConfig(
             beta=beta, learning_rate=lr, num_train_epochs=epochs, per_device_train_batch_size=batch_size,
-            max_length=max_length, lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": 0.1},
+            max_length=max_length, lr_scheduler_type="cosine_with_min_lr",
+            lr_scheduler_kwargs={"min_lr_rate": min_lr_ratio}, disable_dropout=False,
             **_common_args(device, seed, out),
         )
-        trainer = _quiet(DPOTrainer(model=model, ref_model=None, args=args, train_dataset=Dataset.from_dict(rows),
-                                    processing_class=tokenizer))
-        return _final_metrics(trainer, _timed_train(trainer))
+        trainer = _quiet(DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=Dataset.from_dict(rows),
+                                    processing_class=tokenizer, peft_config=peft_lora_config(lora)))
+        with dropout_set_to(model, dropout) as fields:
+            metrics = _final_metrics(trainer, _timed_train(trainer), DPO_METRICS)
+        if save_dir is not None:
+            _save(trainer, tokenizer, save_dir)
+        elif _is_peft(trainer.accelerator.unwrap_model(trainer.model)):
+            trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()  # `model` now holds the merged weights
+    metrics["dropout_fields"] = fields
+    return metrics
 
+
+RewardFunc = Callable[..., list[float]]
+
+
+def _online_train(config_cls, trainer_cls, model, tokenizer, prompts: list[dict], reward_funcs: list[RewardFunc],
+                  c, *, device: str, seed: int, reward_weights: list[float] | None,
+                  save_dir: str | Path | None) -> dict[str, float]:
+    if c.batch_size % c.num_generations:
+        raise ValueError(f"batch_size ({c.batch_size}) must be a multiple of num_generations ({c.num_generations}): "
+                         "each step samples whole groups of completions per prompt")
+    if not reward_funcs:
+        raise ValueError("no reward functions: set reward.coherent or add reward.rules")
+    for f in reward_funcs:
+        if not getattr(f, "__name__", None):
+            raise ValueError(f"reward function {f!r} has no __name__ (TRL names its metrics by it)")
+    rows = {"prompt": [[{"role": "user", "content": p["prompt"]}] for p in prompts],
+            "reference": [p.get("reference") for p in prompts]}
+    with tempfile.TemporaryDirectory() as out:
+        args = config_cls(
+            learning_rate=c.learning_rate, num_generations=c.num_generations, per_device_train_batch_size=c.batch_size,
+            max_steps=c.max_steps, beta=c.beta, temperature=c.temperature,
+            max_completion_length=c.max_completion_length, reward_weights=reward_weights,
+            **_common_args(device, seed, out),
+        )
+        trainer = _quiet(trainer_cls(model=model, reward_funcs=list(reward_funcs), args=args,
+                                     train_dataset=Dataset.from_dict(rows), processing_class=tokenizer))
+        return _finish(trainer, tokenizer, ONLINE_METRICS, save_dir)
+
+
+def grpo_train(model, tokenizer, prompts: list[dict], reward_funcs: list[RewardFunc], cfg_section, *, device: str,
+               seed: int, reward_weights: list[float] | None = None,
+               save_dir: str | Path | None = None) -> dict[str, float]:
+    """GRPO (TRL) on {"prompt", "reference"} rows: `num_generations` samples per prompt, advantages relative to the
+    group, a KL penalty of `beta` against the starting model (0 loads no reference). `cfg_section`: OnlineRLConfig."""
+    return _online_train(GRPOConfig, GRPOTrainer, model, tokenizer, prompts, reward_funcs, cfg_section,
+                         device=device, seed=seed, reward_weights=reward_weights, save_dir=save_dir)
+
+
+def rloo_train(model, tokenizer, prompts: list[dict], reward_funcs: list[RewardFunc], cfg_section, *, device: str,
+               seed: int, reward_weights: list[float] | None = None,
+               save_dir: str | Path | None = None) -> dict[str, float]:
+    """RLOO (TRL): as `grpo_train`, with each sample's baseline the mean reward of the other samples of its prompt."""
+    return _online_train(RLOOConfig, RLOOTrainer, model, tokenizer, prompts, reward_funcs, cfg_section,
+                         device=device, seed=seed, reward_weights=reward_weights, save_dir=save_dir)

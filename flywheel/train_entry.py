@@ -1,0 +1,54 @@
+"""Run one training job in this process: what `accelerate launch` starts when `train.launch.mode` is `accelerate`.
+
+    python -m flywheel.train_entry dpo --config JOB/config.json --job JOB
+    accelerate launch --cpu --num_processes 1 -m flywheel.train_entry rs-sft --config JOB/config.json --job JOB
+
+JOB is a folder written by `flywheel.launch.TrainJob.write` (job.json: trainer, model paths, output folder;
+rows.parquet: the training rows). The job is run by `flywheel.trainers.run_job`, the same code as in-process training:
+the model is saved to the job's output folder and the main process writes JOB/metrics.json. Nothing here touches the
+registry. Exit status 0 on success, 2 for a bad config or job folder (with a one-line reason), 1 if training fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .config import ConfigError, load_config
+    from .launch import SECTIONS, TrainJob
+
+    parser = argparse.ArgumentParser(prog="python -m flywheel.train_entry", description=__doc__.split("\n")[0])
+    parser.add_argument("trainer", choices=sorted(SECTIONS))
+    parser.add_argument("--config", required=True, help="the run's config (YAML or JSON)")
+    parser.add_argument("--job", required=True, type=Path, help="the job folder (job.json, rows.parquet)")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config)
+        job = TrainJob.read(args.job)
+    except (ConfigError, OSError, ValueError, TypeError) as e:
+        print(f"flywheel.train_entry: error: {e}", file=sys.stderr)
+        return 2
+    if job.trainer != args.trainer:
+        print(f"flywheel.train_entry: error: {args.job}/job.json is a {job.trainer!r} job, not {args.trainer!r}",
+              file=sys.stderr)
+        return 2
+
+    from accelerate import PartialState
+
+    from .trainers import run_job
+
+    metrics = run_job(cfg, job)
+    if PartialState().is_main_process:
+        tmp = args.job / f".metrics.json.tmp-{os.getpid()}"
+        tmp.write_text(json.dumps(metrics, indent=1))
+        os.replace(tmp, args.job / "metrics.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
