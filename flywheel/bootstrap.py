@@ -1,36 +1,82 @@
-"""Iteration 0: import the seeds, make the base model (PT), fine-tune it into M1 (SFT on IFT + EFT)."""
+"""Iteration 0: import the seeds, make the base model (PT), fine-tune it into M1 (SFT on IFT + EFT).
+
+`import_seeds` reads `seeds.path` in `seeds.format` (see flywheel/seeds.py): each seed prompt becomes a `prompts` row
+(source 'seed', its IFT answer as `reference`), and human-ranked replies (Open Assistant trees) go to
+`seed_responses` with their rank. `train_sft` makes EFT from those rankings when the import has any, else the
+synthetic 5/2/0 examples.
+"""
 
 from __future__ import annotations
+
+from collections import Counter
 
 from .backends import release_backends
 from .config import FlywheelConfig, content_hash
 from .models import build_tiny_model, build_tokenizer, load, resolve_device, save_atomically
 from .registry import Registry, now
-from .seeds import Seed, eft_examples, ift_examples, load_seeds, pretrain_corpus
+from .score_parser import parse_score
+from .seeds import (RankedPrompt, RankedReply, Seed, eft_examples, eft_from_rankings, ift_examples, load_seed_data,
+                    pretrain_corpus)
 from .stage import StageResult, load_template, run_stage
 from .train import causal_lm_train, sft_train
 
 
 def import_seeds(cfg: FlywheelConfig, run_id: str) -> StageResult:
-    seeds = load_seeds(cfg.seeds.path)  # parse first: a malformed file fails before anything is written
-    inputs = {"seeds": [s.__dict__ for s in seeds]}
+    data = load_seed_data(cfg.seeds.path, cfg.seeds.format)  # parse first: a malformed file fails before any write
+    seeds = data.ift
+    # A ranked prompt shares the prompt row of the IFT seed from the same record (same id and text); the others get
+    # a prompt row of their own, with no reference answer.
+    index = {(s.id, s.instruction): i for i, s in reversed(list(enumerate(seeds)))}
+    extra: list[RankedPrompt] = []
+    slots = []  # the prompt row of each ranked prompt
+    for r in data.ranked:
+        if (r.id, r.instruction) not in index:
+            extra.append(r)
+        slots.append(index.get((r.id, r.instruction), len(seeds) + len(extra) - 1))
+    inputs = {"seeds": [s.__dict__ for s in seeds]}  # a seed set without rankings keeps the key it always had
+    if data.ranked:
+        inputs["ranked"] = [[r.id, r.instruction, [list(x) for x in r.replies]] for r in data.ranked]
 
     def work(reg: Registry, sid: str) -> dict:
-        reg.insert("prompts", [
-            dict(prompt_id=f"p-{content_hash([sid, i])}", run_id=run_id, iteration=0, source="seed",
-                 text=s.instruction, reference=s.response, seed_id=s.id, few_shot_ids=None, kept=True,
-                 drop_reason=None, model_id=None, stage_run_id=sid, config_hash=cfg.config_hash(),
-                 created_at=now())
-            for i, s in enumerate(seeds)
-        ])
-        return {"seeds": len(seeds), "path": str(cfg.seeds.path)}
+        common = dict(run_id=run_id, iteration=0, source="seed", few_shot_ids=None, kept=True, drop_reason=None,
+                      model_id=None, stage_run_id=sid, config_hash=cfg.config_hash(), created_at=now())
+        prompts = [(s.id, s.instruction, s.response) for s in seeds] + [(r.id, r.instruction, None) for r in extra]
+        ids = [f"p-{content_hash([sid, i])}" for i in range(len(prompts))]
+        reg.insert("prompts", [dict(prompt_id=pid, text=text, reference=ref, seed_id=seed_id, **common)
+                               for pid, (seed_id, text, ref) in zip(ids, prompts)])
+        responses = []
+        for r, slot in zip(data.ranked, slots):
+            pid = ids[slot]
+            responses += [dict(response_id=f"sr-{content_hash([sid, pid, j])}", prompt_id=pid, text=x.text,
+                               human_rank=x.rank, stage_run_id=sid, created_at=now())
+                          for j, x in enumerate(r.replies)]
+        reg.insert("seed_responses", responses)
+        return {"seeds": len(seeds), "prompts": len(prompts), "ranked_prompts": len(data.ranked),
+                "seed_responses": len(responses), "skipped": data.skipped, "format": data.format,
+                "path": str(cfg.seeds.path)}
 
     return run_stage(cfg, "seeds", run_id, 0, None, inputs, work)
 
 
 def seeds_from_registry(reg: Registry, seeds_sid: str) -> list[Seed]:
-    rows = reg.rows("SELECT seed_id, text, reference FROM prompts WHERE stage_run_id = ? ORDER BY prompt_id", [seeds_sid])
+    """The IFT seeds of an import (its seed prompts that have a reference answer)."""
+    rows = reg.rows("SELECT seed_id, text, reference FROM prompts WHERE stage_run_id = ? AND reference IS NOT NULL "
+                    "ORDER BY prompt_id", [seeds_sid])
     return [Seed(r["seed_id"], r["text"], r["reference"]) for r in rows]
+
+
+def ranked_from_registry(reg: Registry, seeds_sid: str) -> list[RankedPrompt]:
+    """The human-ranked replies of an import, per seed prompt (empty when the seed format has no rankings)."""
+    rows = reg.rows(
+        "SELECT p.prompt_id, p.seed_id, p.text AS instruction, r.text, r.human_rank FROM seed_responses r "
+        "JOIN prompts p USING (prompt_id) WHERE r.stage_run_id = ? "
+        "ORDER BY p.prompt_id, r.human_rank NULLS LAST, r.response_id", [seeds_sid])
+    replies: dict[str, list[RankedReply]] = {}
+    heads: dict[str, tuple[str, str]] = {}
+    for r in rows:
+        heads.setdefault(r["prompt_id"], (r["seed_id"], r["instruction"]))
+        replies.setdefault(r["prompt_id"], []).append(RankedReply(r["text"], r["human_rank"]))
+    return [RankedPrompt(*heads[pid], tuple(replies[pid])) for pid in heads]
 
 
 def build_base(cfg: FlywheelConfig, run_id: str, seeds_sid: str) -> StageResult:
@@ -66,6 +112,25 @@ def build_base(cfg: FlywheelConfig, run_id: str, seeds_sid: str) -> StageResult:
     return run_stage(cfg, "base", run_id, 0, None, inputs, work)
 
 
+def sft_examples(reg: Registry, seeds_sid: str, judge_template: str, *, eft: bool, seed: int) -> tuple[list, dict]:
+    """M1's SFT rows: IFT from the seed answers, plus (if `eft`) EFT from the import's human rankings when it has
+    any, else the synthetic 5/2/0 examples. Returns (rows, counts for the stage's stats)."""
+    seeds = seeds_from_registry(reg, seeds_sid)
+    examples = ift_examples(seeds)
+    counts: dict = {"ift": len(seeds), "eft": 0, "eft_source": None}
+    if eft:
+        ranked = [p for p in ranked_from_registry(reg, seeds_sid) if p.ranked_replies()]
+        if ranked:
+            rows, counts["eft_source"] = eft_from_rankings(ranked, judge_template, seed), "human_rankings"
+        else:
+            rows, counts["eft_source"] = eft_examples(seeds, judge_template, seed), "synthetic"
+        examples += rows
+        counts["eft"] = len(rows)
+        scores = Counter(parse_score(r["completion"]).score for r in rows)
+        counts["eft_scores"] = {str(int(k)): v for k, v in sorted(scores.items())}
+    return examples, counts
+
+
 def train_sft(cfg: FlywheelConfig, run_id: str, base_id: str, seeds_sid: str) -> StageResult:
     """M1: SFT of the base model on IFT (seed answers) and, by default, EFT (judge-training) examples."""
     device = resolve_device(cfg.run.device)
@@ -75,12 +140,7 @@ def train_sft(cfg: FlywheelConfig, run_id: str, base_id: str, seeds_sid: str) ->
               "judge_template": judge_hash, "seed": cfg.run.seed}
 
     def work(reg: Registry, sid: str) -> dict:
-        seeds = seeds_from_registry(reg, seeds_sid)
-        examples = ift_examples(seeds)
-        n_eft = 0
-        if cfg.seeds.eft:
-            eft = eft_examples(seeds, judge_text, cfg.run.seed)
-            examples, n_eft = examples + eft, len(eft)
+        examples, counts = sft_examples(reg, seeds_sid, judge_text, eft=cfg.seeds.eft, seed=cfg.run.seed)
         release_backends()
         model, tokenizer = load(reg.model(base_id)["path"], device)
         s = cfg.sft
@@ -90,6 +150,6 @@ def train_sft(cfg: FlywheelConfig, run_id: str, base_id: str, seeds_sid: str) ->
         reg.register_model(model_id=sid, run_id=run_id, name="M1", kind="sft", iteration=0, parent_id=base_id,
                            path=str(reg.model_dir(sid)), stage_run_id=sid, config_hash=cfg.config_hash(),
                            metrics=metrics)
-        return {"model_id": sid, "path": str(reg.model_dir(sid)), "ift": len(seeds), "eft": n_eft, **metrics}
+        return {"model_id": sid, "path": str(reg.model_dir(sid)), **counts, **metrics}
 
     return run_stage(cfg, "sft", run_id, 0, base_id, inputs, work)

@@ -12,39 +12,53 @@ from . import add_config_args, config_from, console
 
 def preflight(cfg: FlywheelConfig) -> None:
     """Fail before the run starts on inputs that are missing or malformed."""
-    from ..seeds import load_seeds
+    from ..backends import check_backend
+    from ..seeds import load_seed_data
 
-    load_seeds(cfg.seeds.path)
+    load_seed_data(cfg.seeds.path, cfg.seeds.format)
+    check_backend(cfg.generate)
     for name, path in (("judge.template", cfg.judge.template), ("self_instruct.template", cfg.self_instruct.template)):
         if not path.is_file():
             raise ConfigError(f"{name}: template file not found: {path}")
 
 
 def run_flywheel(cfg: FlywheelConfig) -> int:
-    """Run (or resume) the flywheel of `cfg` through Prefect, then print and write its summary."""
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "flywheel")  # batch commits in Prefect's logs and UI
-    logging.getLogger("flywheel").setLevel(logging.INFO)
-    from flows.flywheel_flow import flywheel_flow  # imports prefect: after the environment is set
+    """Run (or resume) the flywheel of `cfg` through Prefect, then print and write its summary. The run holds the
+    registry's lock throughout (`flywheel.lock`): a second run on the same registry stops at once, naming this one."""
+    from contextlib import ExitStack
 
-    from .. import summary
-    from ..dpo import NoPairsError
-    from ..registry import Registry, RegistryLockedError
+    from ..lock import RegistryBusyError, registry_lock
     from ..runs import run_id_for
 
     run_id = run_id_for(cfg)
-    console.print(f"[bold]flywheel[/] run [cyan]{run_id}[/]: {cfg.run.iterations} iteration(s), "
-                  f"registry {cfg.registry.root}")
-    t0 = time.perf_counter()
-    try:
-        flywheel_flow(cfg)
-    except (NoPairsError, RegistryLockedError) as e:
-        console.print(f"[red]run {run_id} stopped:[/] {e}")
-        console.print("Finished stages are kept in the registry; run the same command again to resume.")
-        return 1
-    wall = time.perf_counter() - t0
-    with Registry(cfg.registry.root) as reg:
-        iterations, path = summary.write(reg, run_id)
+    with ExitStack() as held:
+        try:
+            held.enter_context(registry_lock(cfg.registry.root, run_id))
+        except RegistryBusyError as e:
+            console.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
+            return 1
+        os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+        os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "flywheel")  # batch commits in Prefect's logs and UI
+        logging.getLogger("flywheel").setLevel(logging.INFO)
+        from flows.flywheel_flow import flywheel_flow  # imports prefect: after the environment is set
+
+        from .. import summary
+        from ..dpo import NoPairsError
+        from ..registry import Registry, RegistryLockedError
+
+        console.print(f"[bold]flywheel[/] run [cyan]{run_id}[/]: {cfg.run.iterations} iteration(s), "
+                      f"registry {cfg.registry.root}")
+        t0 = time.perf_counter()
+        try:
+            flywheel_flow(cfg)
+        except (NoPairsError, RegistryLockedError) as e:
+            console.print(f"[red]run {run_id} stopped:[/] {e}")
+            console.print("Finished stages are kept in the registry; run the same command again "
+                          "(or `flywheel resume`) to resume.")
+            return 1
+        wall = time.perf_counter() - t0
+        with Registry(cfg.registry.root) as reg:
+            iterations, path = summary.write(reg, run_id)
     summary.print_table(run_id, iterations, console)
     for it in iterations:
         if it["model"]:
