@@ -1,4 +1,4 @@
-"""Train: DPO (TRL) on the iteration's pair snapshot turns M_t into M_{t+1}, which is saved and registered.
+"""Train: DPO (TRL) on the iteration's frozen training set (dataset version `train`) turns M_t into M_{t+1}.
 
     train_dpo(cfg, run_id, iteration, model_id, pairs, m1_id)
 
@@ -6,7 +6,7 @@ Settings come from the `dpo` section (paper defaults: beta 0.1, lr 1e-6 decaying
 batch 16, dropout 0.1, which on Llama is attention_dropout). `dpo.reference`: `previous` trains against M_t (TRL keeps
 a frozen copy), `m1` against M1 throughout. `dpo.lora.enabled` trains LoRA adapters through peft and merges them into
 the weights before saving, so every later stage loads a plain model. The model row records its reference model, the
-dataset version (the pair snapshot's hash), the `dpo` section as train_config (plus the dropout fields it set) and the
+dataset version it read (see flywheel/datasets.py), the `dpo` section as train_config (plus the dropout fields it set) and the
 final metrics. The load-train-save-register shape is `flywheel.trainers.train_stage`; with
 `train.launch.mode: accelerate` training runs in an `accelerate launch` child process.
 """
@@ -14,7 +14,7 @@ final metrics. The load-train-save-register shape is `flywheel.trainers.train_st
 from __future__ import annotations
 
 from .config import FlywheelConfig
-from .pairs import read_snapshot
+from .datasets import read_version, stage_version
 from .registry import Registry
 from .stage import StageResult
 from .launch import TrainJob
@@ -37,15 +37,15 @@ def train_dpo(cfg: FlywheelConfig, run_id: str, iteration: int, model_id: str, p
               "ref": ref_model_id}
 
     def make_job(reg: Registry, sid: str) -> tuple[TrainJob, dict]:
-        snapshot_hash = pairs.stats["snapshot_hash"]
-        rows = read_snapshot(reg, pairs.stage_run_id, snapshot_hash)
+        version = stage_version(reg, pairs.stage_run_id, "train")  # the frozen training set, hash-checked on read
+        rows = read_version(reg, version).to_pylist()
         training_pairs = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows]
         if not training_pairs:
             raise NoPairsError(f"iteration {iteration} produced no preference pairs (all prompts tied or unscored); "
                                "see the judge stage's parse failures and the pairs stage's dropped ties")
         ref_path = reg.model(ref_model_id)["path"] if ref_model_id != model_id else None  # None: TRL copies M_t
         job = TrainJob("dpo", reg.model(model_id)["path"], str(reg.model_dir(sid)), training_pairs, ref_path=ref_path)
-        return job, {"ref_model_id": ref_model_id, "dataset_version": snapshot_hash,
+        return job, {"ref_model_id": ref_model_id, "dataset_version": version,
                      "stats": {"pairs": len(training_pairs)}}
 
     return train_stage(cfg, "dpo", run_id, iteration, model_id, inputs, make_job)

@@ -24,6 +24,7 @@ import gc
 from typing import Callable
 
 from .backends import release_backends
+from .datasets import stage_version
 from .config import ConfigError, FlywheelConfig, OnlineRLConfig, content_hash
 from .launch import SECTIONS, TrainJob, run_accelerate
 from .models import resolve_device
@@ -156,7 +157,7 @@ def _online_stage(trainer: str, cfg: FlywheelConfig, run_id: str, iteration: int
         job = TrainJob(trainer, reg.model(model_id)["path"], str(reg.model_dir(sid)),
                        [{"prompt": r["prompt"], "reference": r["reference"]} for r in rows], **paths)
         return job, {"ref_model_id": model_id if c.beta else None,  # TRL's KL anchor: the starting policy
-                     "dataset_version": f"prompts-{content_hash(rows)}",
+                     "dataset_version": stage_version(reg, prompts_sid, "prompts"),
                      "stats": {"prompts": len(rows), "with_reference": sum(r["reference"] is not None for r in rows)}}
 
     return train_stage(cfg, trainer, run_id, iteration, model_id, inputs, make_job)

@@ -106,7 +106,7 @@ def test_dpo_lora_trains_adapters_and_saves_a_merged_plain_model(tmp_path, model
 
     row = _model_row(cfg, result.stats["model_id"])
     assert (row["kind"], row["name"], row["parent_id"], row["ref_model_id"]) == ("dpo", "M2", "m1", "m1")
-    assert row["dataset_version"] == pairs.stats["snapshot_hash"]
+    assert row["dataset_version"] == pairs.stats["dataset_versions"]["train"]
     assert row["train_config"]["lora"]["enabled"] and row["train_config"]["dropout"] == 0.1
     assert row["train_config"]["dropout_applied_to"] == ["attention_dropout"]
     assert row["metrics"]["pairs"] == 8 and row["metrics"]["steps"] == 1 and math.isfinite(row["metrics"]["train_loss"])
