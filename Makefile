@@ -25,4 +25,4 @@ test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clean-registry:
-	rm -rf data_registry/flywheel.duckdb* data_registry/models data_registry/snapshots data_registry/runs data_registry/prefect
+	rm -rf data_registry/flywheel.duckdb* data_registry/flywheel.lock data_registry/datasets data_registry/jobs data_registry/models data_registry/snapshots data_registry/runs data_registry/prefect

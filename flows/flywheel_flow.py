@@ -8,13 +8,18 @@ from __future__ import annotations
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
+from prefect.tasks import exponential_backoff
 
 from flywheel import bootstrap, dpo, generate, judge, pairs, ppo, reward_stage, runs, self_instruct, trainers
 from flywheel.config import FlywheelConfig
+from flows.nightly import retry_transient
 
 
 def _task(fn, name: str):
-    return task(fn, name=name, cache_policy=NO_CACHE)
+    # Retried only after a failure that waiting can fix (flywheel.schedule.is_transient); a retried stage resumes
+    # from its last committed batch.
+    return task(fn, name=name, cache_policy=NO_CACHE, retries=2, retry_delay_seconds=exponential_backoff(10),
+                retry_jitter_factor=0.5, retry_condition_fn=retry_transient)
 
 
 seeds_task = _task(bootstrap.import_seeds, "seeds")

@@ -14,6 +14,8 @@ import importlib
 import os
 import sys
 
+from rich.markup import escape
+
 from .commands import COMMANDS, console
 from .config import ConfigError
 
@@ -39,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ConfigError, ValueError) as e:  # config, seed and template errors: a message, not a traceback
-        console.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
+        console.print(f"[red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         return 2
 
 

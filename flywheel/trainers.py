@@ -24,7 +24,7 @@ import gc
 from typing import Callable
 
 from .backends import release_backends
-from .datasets import stage_version
+from .datasets import DatasetError, stage_version
 from .config import ConfigError, FlywheelConfig, OnlineRLConfig, content_hash
 from .launch import SECTIONS, TrainJob, run_accelerate
 from .models import resolve_device
@@ -157,7 +157,7 @@ def _online_stage(trainer: str, cfg: FlywheelConfig, run_id: str, iteration: int
         job = TrainJob(trainer, reg.model(model_id)["path"], str(reg.model_dir(sid)),
                        [{"prompt": r["prompt"], "reference": r["reference"]} for r in rows], **paths)
         return job, {"ref_model_id": model_id if c.beta else None,  # TRL's KL anchor: the starting policy
-                     "dataset_version": stage_version(reg, prompts_sid, "prompts"),
+                     "dataset_version": _prompts_version(reg, prompts_sid),
                      "stats": {"prompts": len(rows), "with_reference": sum(r["reference"] is not None for r in rows)}}
 
     return train_stage(cfg, trainer, run_id, iteration, model_id, inputs, make_job)
@@ -173,6 +173,14 @@ def train_rloo(cfg: FlywheelConfig, run_id: str, iteration: int, model_id: str, 
                sft_model_id: str | None = None, pt_model_id: str | None = None) -> StageResult:
     """RLOO on the kept prompts of `prompts_sid` (section `rloo`); M_t -> M_{t+1}, kind "rloo"."""
     return _online_stage("rloo", cfg, run_id, iteration, model_id, prompts_sid, sft_model_id, pt_model_id)
+
+
+def _prompts_version(reg, prompts_sid: str) -> str | None:
+    """The frozen prompts version the online trainers read (None for prompts written outside a stage)."""
+    try:
+        return stage_version(reg, prompts_sid, "prompts")
+    except DatasetError:
+        return None
 
 
 def best_of_n(scored: list[dict], min_score: float | None = None) -> tuple[list[dict], int]:

@@ -1,74 +1,292 @@
-"""A stage killed with SIGKILL mid-way resumes from its last committed batch and ends exactly as an uninterrupted run.
+"""Kill -9 a real run at four points, resume it, and check it ends exactly as a run that was never interrupted.
 
-The generate stage runs in a real subprocess on a real registry; we wait for its log line saying a batch was
-committed, kill -9 it, run the stage again, and compare with a copy of the registry that was never interrupted.
+One uninterrupted reference run (seeds -> PT -> M1 -> self-instruct -> generate -> judge -> reward -> pairs -> DPO on
+a tiny model, the stages of `flows/flywheel_flow.py` called in the same order without Prefect) is copied after each
+stage. Each test forks the copy taken just before its kill point, runs the stages in a real subprocess, kills it with
+SIGKILL at that point, resumes, and compares every table with the reference (less timestamps and timing stats), the
+model weights byte for byte, and checks that no table has two rows with one key and that every registered model
+folder is complete. Kill points: inside generation and inside judging (after a committed batch), between stages
+(generate's ledger row says done, judge has not started) and in training (DPO's model written to its temp folder,
+not yet renamed into place). The judging one resumes through `flywheel resume` and the real Prefect flow.
+
+Every fork lives at the same path, so configs (and the config hashes rows record) are identical across runs. Pairs
+come from the coherent reward (log p_SFT - log p_PT), which a random tiny model yields for every candidate; its judge
+cannot write a verdict, and the judge stage runs all the same.
 """
 
+import hashlib
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import time
+import threading
+from dataclasses import dataclass
+from pathlib import Path
 
-from flywheel.bootstrap import import_seeds
-from flywheel.config import load_config
-from flywheel.generate import generate
-from flywheel.registry import Registry, now
-from tests.tiny import save_random_tiny_model
+import pytest
 
-OVERRIDES = ["generate.batch_size=4", "generate.n=2", "generate.max_new_tokens=24", "run.device=cpu"]
+from flywheel import bootstrap, dpo, generate, judge, pairs, reward_stage, runs, self_instruct
+from flywheel.config import FlywheelConfig, load_config
+from flywheel.registry import Registry
+
+REPO = Path(__file__).resolve().parents[1]
+OVERRIDES = [
+    "run.device=cpu", "run.iterations=1", "seeds.eft=false",
+    "model.tiny.vocab_size=400", "model.tiny.hidden_size=32", "model.tiny.intermediate_size=64",
+    "model.tiny.num_layers=1", "model.tiny.pretrain_steps=0", "model.tiny.max_position=256",
+    "sft.epochs=1", "sft.batch_size=8", "sft.max_length=128",
+    "self_instruct.num_prompts=12", "self_instruct.batch_size=4", "self_instruct.few_shot=2",
+    "self_instruct.seed_shots=2", "self_instruct.max_new_tokens=16", "self_instruct.dedup_threshold=1.0",
+    "generate.n=2", "generate.max_new_tokens=12", "generate.batch_size=2",
+    "judge.samples=2", "judge.max_new_tokens=8", "judge.batch_size=3",
+    "reward.coherent=true", "reward.weights.coherent=1.0", "reward.batch_size=8",
+    "dpo.epochs=1", "dpo.batch_size=8", "dpo.max_length=128",
+]
+# Timestamps, timings, and the hash of the flywheel source a process ran (a fork's stages run in another process; in a
+# working tree being edited, its code may differ from the reference's: that is not a difference in the data).
+VOLATILE = {"created_at", "started_at", "finished_at", "stats", "metrics", "code_hash"}
+STAGES = ["seeds", "base", "sft", "self_instruct", "generate", "judge", "reward", "pairs", "dpo"]
+
+
+def run_sequence(cfg: FlywheelConfig, after=lambda stage: None) -> str:
+    """One iteration, stage by stage, as flows/flywheel_flow.py calls them; `after(stage)` once each is done."""
+    run_id = runs.start_run(cfg)
+    seeds = bootstrap.import_seeds(cfg, run_id)
+    after("seeds")
+    pt = bootstrap.build_base(cfg, run_id, seeds.stage_run_id).stats["model_id"]
+    after("base")
+    m1 = bootstrap.train_sft(cfg, run_id, pt, seeds.stage_run_id).stats["model_id"]
+    after("sft")
+    runs.start_iteration(cfg, run_id, 1, m1)
+    prompts = self_instruct.self_instruct(cfg, run_id, 1, m1, seeds.stage_run_id, [])
+    after("self_instruct")
+    candidates = generate.generate(cfg, run_id, 1, m1, prompts.stage_run_id)
+    after("generate")
+    judged = judge.judge(cfg, run_id, 1, m1, candidates.stage_run_id)
+    after("judge")
+    rewards = reward_stage.reward(cfg, run_id, 1, candidates.stage_run_id, m1, pt)
+    after("reward")
+    pair_set = pairs.build_pairs(cfg, run_id, 1, judged.stage_run_id, rewards.stage_run_id)
+    after("pairs")
+    trained = dpo.train_dpo(cfg, run_id, 1, m1, pair_set, m1)
+    after("dpo")
+    runs.finish_iteration(cfg, run_id, 1, trained.stats["model_id"])
+    runs.finish_run(cfg, run_id, "done")
+    return run_id
+
+
+# --- the child: the same stages, with a place to stop -------------------------------------------------------------
 
 CHILD = """
 import logging, sys
 from flywheel.config import load_config
-from flywheel.generate import generate
+from tests.test_kill_resume import pause_after, pause_before_rename, run_sequence
 logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
-cfg = load_config(None, sys.argv[1:-2])
-generate(cfg, "run", 1, sys.argv[-2], sys.argv[-1])
+point, overrides = sys.argv[1], sys.argv[2:]
+if point == "rename":
+    pause_before_rename()
+run_sequence(load_config(None, overrides), after=pause_after(point))
 """
 
 
-def _candidates(root):
+def pause_after(stop_after: str):
+    """Report each finished stage on stderr; after `stop_after`, wait (for the kill) before the next one starts."""
+    def after(stage: str) -> None:
+        print(f"stage done: {stage}", file=sys.stderr, flush=True)
+        if stage == stop_after:
+            sys.stdin.readline()
+    return after
+
+
+class _PauseAtRename:
+    """Stands in for the `os` module in flywheel.train and flywheel.models: the same, except that replace() says
+    which folder it is about to rename into place and waits (for the kill) before doing it."""
+
+    def __getattr__(self, name):
+        return getattr(os, name)
+
+    def replace(self, src, dst):
+        print(f"about to rename {src} -> {dst}", file=sys.stderr, flush=True)
+        sys.stdin.readline()
+        os.replace(src, dst)
+
+
+def pause_before_rename() -> None:
+    import flywheel.models
+    import flywheel.train
+
+    flywheel.models.os = flywheel.train.os = _PauseAtRename()
+
+
+def run_child_until(point: str, marker: str, overrides: list[str]) -> str:
+    """Start the child, read its stderr until `marker` appears, kill -9 it there; returns what it wrote."""
+    child = subprocess.Popen([sys.executable, "-c", CHILD, point, *overrides], stdin=subprocess.PIPE,
+                             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, cwd=REPO)
+    watchdog = threading.Timer(300, child.kill)  # a child that never reaches the marker must not hang the suite
+    watchdog.start()
+    seen = b""
+    try:
+        while marker.encode() not in seen:
+            chunk = os.read(child.stderr.fileno(), 65536)
+            assert chunk, f"the child ended before {marker!r}:\n{seen.decode(errors='replace')[-3000:]}"
+            seen += chunk
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=60)
+    finally:
+        watchdog.cancel()
+        child.kill()
+    assert child.returncode == -signal.SIGKILL, seen.decode(errors="replace")[-3000:]
+    return seen.decode(errors="replace")
+
+
+# --- the reference run and what is compared ---------------------------------------------------------------------
+
+@dataclass
+class Reference:
+    work: Path                 # the one registry path every run uses
+    snapshots: Path            # <snapshots>/<stage>: the registry right after that stage; <snapshots>/final
+    overrides: list[str]
+
+    def fork(self, stage: str) -> None:
+        shutil.rmtree(self.work, ignore_errors=True)
+        shutil.copytree(self.snapshots / stage, self.work)
+
+    def cfg(self) -> FlywheelConfig:
+        return load_config(None, self.overrides)
+
+
+def tiny_overrides(folder: Path, registry: Path) -> list[str]:
+    """OVERRIDES plus a 12-seed file and a one-line judge template written in `folder`, and the registry's path."""
+    seeds = (REPO / "seeds/demo.jsonl").read_text().splitlines()[:12]
+    (folder / "seeds.jsonl").write_text("\n".join(seeds) + "\n")
+    (folder / "judge.txt").write_text("Grade the reply from 0 to 5.\nQuestion: {instruction}\nReply: {response}\n")
+    return OVERRIDES + [f"registry.root={registry}", f"seeds.path={folder / 'seeds.jsonl'}",
+                        f"judge.template={folder / 'judge.txt'}"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Reference:
+    base = tmp_path_factory.mktemp("kill")
+    work = base / "registry"
+    ref = Reference(work, base / "snapshots", tiny_overrides(base, work))
+    run_sequence(ref.cfg(), after=lambda stage: shutil.copytree(work, ref.snapshots / stage))
+    shutil.copytree(work, ref.snapshots / "final")
+    with Registry(work) as reg:  # enough work left at each kill point for the kill to land inside a stage
+        assert reg.scalar("SELECT count(*) FROM prompts WHERE source = 'self_instruct' AND kept") >= 5
+        assert reg.scalar("SELECT count(*) FROM pairs") > 0
+    return ref
+
+
+def contents(root: Path) -> dict[str, list[tuple]]:
+    """Every table's rows (less volatile columns), ordered by its primary key."""
     with Registry(root) as reg:
-        return reg.rows("SELECT candidate_id, prompt_id, sample_index, text, seed FROM candidates ORDER BY candidate_id")
+        keys = primary_keys(reg)
+        out = {}
+        for table, key in keys.items():
+            cols = [c for c in reg.con.execute(f"SELECT * FROM {table} LIMIT 0").description if c[0] not in VOLATILE]
+            out[table] = reg.con.execute(f"SELECT {', '.join(c[0] for c in cols)} FROM {table} "
+                                         f"ORDER BY {', '.join(key)}").fetchall()
+    return out
 
 
-def test_sigkill_inside_generation_then_resume(tmp_path):
-    reg_a, reg_b = tmp_path / "a", tmp_path / "b"
-    cfg = load_config(None, OVERRIDES + [f"registry.root={reg_a}"])
-    seeds = import_seeds(cfg, "run")
-    model_path = save_random_tiny_model(tmp_path / "model")
-    with Registry(reg_a) as reg:
-        reg.register_model(model_id="m-test", run_id="run", name="M1", kind="sft", iteration=0, parent_id=None,
-                           path=str(model_path), stage_run_id="test", config_hash="h", created_at=now())
-    shutil.copytree(reg_a, reg_b)  # the same registry, to run uninterrupted
+def primary_keys(reg: Registry) -> dict[str, list[str]]:
+    rows = reg.rows("SELECT table_name, constraint_column_names AS cols FROM duckdb_constraints() "
+                    "WHERE constraint_type = 'PRIMARY KEY' ORDER BY table_name")
+    return {r["table_name"]: list(r["cols"]) for r in rows}
 
-    child = subprocess.Popen(
-        [sys.executable, "-c", CHILD, *OVERRIDES, f"registry.root={reg_a}", "m-test", seeds.stage_run_id],
-        stderr=subprocess.PIPE, text=True, cwd=os.getcwd())
-    deadline = time.monotonic() + 120
-    for line in child.stderr:
-        if "generate: committed batch 3/" in line:
-            child.send_signal(signal.SIGKILL)
-            break
-        assert time.monotonic() < deadline, "the child never committed a batch"
-    child.wait(timeout=30)
-    assert child.returncode == -signal.SIGKILL
 
-    partial = _candidates(reg_a)
-    total = 60 * 2  # the shipped seeds x n
-    assert 3 * 4 * 2 <= len(partial) < total  # at least the 3 logged batches survived; not everything was done
-    with Registry(reg_a) as reg:
-        assert reg.scalar("SELECT status FROM stage_runs WHERE stage = 'generate'") == "running"
+def check_registry(ref: Reference) -> None:
+    """The resumed registry equals the reference: same rows, same model weights, no duplicate keys, no model row
+    pointing at a missing or partial folder."""
+    got, want = contents(ref.work), contents(ref.snapshots / "final")
+    assert set(got) == set(want)
+    for table in want:
+        assert got[table] == want[table], f"table {table} differs from the uninterrupted run"
+    with Registry(ref.work) as reg:
+        for table, key in primary_keys(reg).items():
+            sql = f"SELECT count(*), count(DISTINCT ({', '.join(key)})) FROM {table}"
+            n, distinct = reg.con.execute(sql).fetchone()
+            assert n == distinct, f"{table} has duplicate keys"
+        models = reg.rows("SELECT model_id, path FROM models")
+    assert {m["model_id"].split("-")[0] for m in models} == {"base", "sft", "dpo"}
+    for m in models:
+        folder = Path(m["path"])
+        assert not folder.name.startswith("."), f"{m['model_id']} is registered at a temp folder"
+        for name in ("config.json", "model.safetensors", "tokenizer.json"):
+            assert (folder / name).is_file(), f"{m['model_id']}: {name} missing in {folder}"
+        twin = ref.snapshots / "final" / folder.relative_to(ref.work)
+        assert _sha256(folder / "model.safetensors") == _sha256(twin / "model.safetensors"), m["model_id"]
 
-    resumed = generate(load_config(None, OVERRIDES + [f"registry.root={reg_a}"]), "run", 1, "m-test",
-                       seeds.stage_run_id)
-    straight = generate(load_config(None, OVERRIDES + [f"registry.root={reg_b}"]), "run", 1, "m-test",
-                        seeds.stage_run_id)
-    assert resumed.stage_run_id == straight.stage_run_id
-    assert resumed.stats["candidates"] == straight.stats["candidates"] == total
-    a, b = _candidates(reg_a), _candidates(reg_b)
-    assert a == b  # identical rows: same ids, same texts, same per-batch seeds
-    assert len({r["candidate_id"] for r in a}) == len(a)
-    assert {r["candidate_id"]: r["text"] for r in partial}.items() <= {r["candidate_id"]: r["text"] for r in a}.items()
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _rows(root: Path, table: str) -> dict[str, tuple]:
+    with Registry(root) as reg:
+        key = primary_keys(reg)[table][0]
+        return {r[0]: r for r in reg.con.execute(f"SELECT {key}, * EXCLUDE (created_at) FROM {table}").fetchall()}
+
+
+def _ledger(root: Path) -> dict[str, str]:
+    with Registry(root) as reg:
+        return {r["stage"]: r["status"] for r in reg.rows("SELECT stage, status FROM stage_runs")}
+
+
+# --- the kill points ----------------------------------------------------------------------------------------------
+
+def test_sigkill_inside_generation_then_resume(reference):
+    reference.fork("self_instruct")
+    run_child_until("none", "generate: committed batch 1/", reference.overrides)
+    partial = _rows(reference.work, "candidates")
+    assert 0 < len(partial) < len(_rows(reference.snapshots / "final", "candidates"))
+    assert _ledger(reference.work)["generate"] == "running" and "judge" not in _ledger(reference.work)
+
+    run_sequence(reference.cfg())
+    check_registry(reference)
+    assert partial.items() <= _rows(reference.work, "candidates").items()  # committed batches kept as they were
+
+
+def test_sigkill_inside_judging_then_flywheel_resume(reference):
+    """Resumed by a real `flywheel resume` process: it finds the killed run, rebuilds its config from the registry
+    and runs it through the Prefect flow (Prefect's local API) under the registry lock."""
+    reference.fork("generate")
+    run_child_until("none", "judge: committed batch 1/", reference.overrides)
+    partial = _rows(reference.work, "judgments")
+    assert 0 < len(partial) < len(_rows(reference.snapshots / "final", "judgments"))
+    assert _ledger(reference.work)["judge"] == "running"
+    with Registry(reference.work) as reg:
+        run_id = reg.scalar("SELECT run_id FROM runs WHERE status = 'running'")
+
+    resume = subprocess.run([sys.executable, "-m", "flywheel.cli", "resume", "--registry", str(reference.work)],
+                            capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert resume.returncode == 0, resume.stdout[-3000:] + resume.stderr[-3000:]
+    assert f"resuming {run_id}" in resume.stdout
+    check_registry(reference)
+    assert partial.items() <= _rows(reference.work, "judgments").items()
+
+
+def test_sigkill_between_stages_then_resume(reference):
+    reference.fork("self_instruct")
+    run_child_until("generate", "stage done: generate", reference.overrides)
+    ledger = _ledger(reference.work)
+    assert ledger["generate"] == "done" and "judge" not in ledger  # killed after one stage, before the next
+
+    run_sequence(reference.cfg())
+    check_registry(reference)
+
+
+def test_sigkill_while_saving_the_trained_model_then_resume(reference):
+    reference.fork("pairs")
+    out = run_child_until("rename", "about to rename", reference.overrides)
+    tmp, final = (Path(p.strip()) for p in out.split("about to rename", 1)[1].splitlines()[0].split(" -> "))
+    assert (tmp / "model.safetensors").is_file() and not final.exists()  # written, not yet in place
+    with Registry(reference.work) as reg:
+        assert reg.scalar("SELECT count(*) FROM models WHERE kind = 'dpo'") == 0  # and so not registered
+        assert reg.scalar("SELECT status FROM stage_runs WHERE stage = 'dpo'") == "running"
+
+    run_sequence(reference.cfg())
+    check_registry(reference)  # the resumed run trained again, renamed the model into place and registered it
+    with Registry(reference.work) as reg:
+        assert reg.scalar("SELECT path FROM models WHERE kind = 'dpo'") == str(final)
