@@ -226,15 +226,16 @@ def _import_checker(name: str, spec: str) -> Callable:
 
 
 # --- reward functions for TRL's GRPO / RLOO -------------------------------------------------------------------------
-def _signals(cfg: FlywheelConfig) -> list[tuple[str, float]]:
-    """(name, weight) of each computable signal with a non-zero weight in reward.weights, in a fixed order."""
+def online_signals(cfg: FlywheelConfig) -> list[tuple[str, float]]:
+    """(name, weight) of each signal an online trainer (GRPO, RLOO) rewards with: the computable signals (coherent,
+    rules) with a non-zero weight in reward.weights, in a fixed order. When none has one (the judge is not computed
+    online), the coherent reward alone, as SRPPO uses it: so `train.trainer=grpo` works on its own."""
     names = (["coherent"] if cfg.reward.coherent else []) + [r.name for r in cfg.reward.rules]
     chosen = [(n, cfg.reward.weights.get(n, 0.0)) for n in names if cfg.reward.weights.get(n, 0.0)]
-    if not chosen:
-        raise RewardError(f"no reward function to train with: reward.weights gives no weight to the signals that can "
-                          f"be computed online ({names or 'none: set reward.coherent or add reward.rules'}); "
-                          "the judge is not one of them")
-    return chosen
+    return chosen or [("coherent", 1.0)]
+
+
+_signals = online_signals
 
 
 def reward_weights(cfg: FlywheelConfig) -> list[float]:

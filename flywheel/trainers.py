@@ -29,7 +29,7 @@ from .config import ConfigError, FlywheelConfig, OnlineRLConfig, content_hash
 from .launch import SECTIONS, TrainJob, run_accelerate
 from .models import resolve_device
 from .registry import Registry
-from .rewards import reward_weights
+from .rewards import online_signals, reward_weights
 from .stage import StageResult, run_stage
 
 
@@ -138,8 +138,7 @@ def _online_stage(trainer: str, cfg: FlywheelConfig, run_id: str, iteration: int
     if c.batch_size % c.num_generations:
         raise ConfigError(f"{trainer}.batch_size ({c.batch_size}) must be a multiple of {trainer}.num_generations "
                           f"({c.num_generations})")
-    reward_weights(cfg)  # fails here, before any work, when no online reward has a weight
-    coherent = bool(cfg.reward.coherent and cfg.reward.weights.get("coherent"))
+    coherent = any(name == "coherent" for name, _ in online_signals(cfg))
     if coherent and not (sft_model_id and pt_model_id):
         raise ValueError(f"{trainer}: reward.coherent needs the SFT and PT model ids")
     inputs = {"model": model_id, "prompts": prompts_sid, "cfg": c.model_dump(mode="json"),

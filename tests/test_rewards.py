@@ -212,8 +212,9 @@ def test_reward_functions_for_trl(tiny):
     assert exact(PROMPTS, ["Answer: Mars", "Answer: Mars", "x"], reference=["mars", "venus", None]) == [1.0, 0.0, None]
     with pytest.raises(RewardError, match="'exact' needs a 'reference' column"):
         exact(PROMPTS, RESPONSES)
-    with pytest.raises(RewardError, match="no reward function"):
-        reward_functions(FlywheelConfig(), sft, pt, tok, "cpu")
+    # no online signal weighted (the default judge-only config): the coherent reward alone, as SRPPO
+    (alone,) = reward_functions(FlywheelConfig(), sft, pt, tok, "cpu")
+    assert alone.__name__ == "coherent" and reward_weights(FlywheelConfig()) == [1.0]
 
 
 # --- the reward stage -------------------------------------------------------------------------------------------------
