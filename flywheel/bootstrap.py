@@ -80,23 +80,27 @@ def ranked_from_registry(reg: Registry, seeds_sid: str) -> list[RankedPrompt]:
 
 
 def build_base(cfg: FlywheelConfig, run_id: str, seeds_sid: str) -> StageResult:
-    """The PT model. 'tiny': a tokenizer and a small Llama trained from scratch on the seed corpus; otherwise the
+    """The PT model. 'tiny': a tokenizer and a small Llama trained from scratch on the seed corpus (plus the
+    unlabeled text of `model.tiny.corpus`, if set); otherwise the
     user's model (a path or hub id) is registered as it is, and loaded with from_pretrained when used."""
     device = resolve_device(cfg.run.device)
     with Registry(cfg.registry.root) as reg:
         templates = [load_template(reg, cfg.judge.template, "judge")[0],
                      load_template(reg, cfg.self_instruct.template, "self_instruct")[0]]
     tiny = cfg.model.base == "tiny"
-    inputs = {"base": cfg.model.base, "tiny": cfg.model.tiny.model_dump() if tiny else None,
+    extra = read_corpus(cfg.model.tiny.corpus) if tiny and cfg.model.tiny.corpus else []
+    inputs = {"base": cfg.model.base, "tiny": cfg.model.tiny.model_dump(mode="json", exclude={"corpus"}) if tiny else None,
               "seeds": seeds_sid, "templates": templates, "seed": cfg.run.seed}
+    if extra:
+        inputs["corpus"] = content_hash(extra)  # the text, not the path, decides the model
 
     def work(reg: Registry, sid: str) -> dict:
         metrics: dict = {}
         path = cfg.model.base
         if tiny:
             t = cfg.model.tiny
-            corpus = pretrain_corpus(seeds_from_registry(reg, seeds_sid), templates, cfg.run.seed)
-            tokenizer = build_tokenizer(corpus, t.vocab_size)
+            corpus = pretrain_corpus(seeds_from_registry(reg, seeds_sid), templates, cfg.run.seed) + extra
+            tokenizer = build_tokenizer(corpus, t.vocab_size, split_digits=t.split_digits)
             model = build_tiny_model(t, tokenizer, cfg.run.seed)
             if t.pretrain_steps:
                 metrics = causal_lm_train(model, tokenizer, corpus, steps=t.pretrain_steps, lr=t.pretrain_lr,
@@ -110,6 +114,19 @@ def build_base(cfg: FlywheelConfig, run_id: str, seeds_sid: str) -> StageResult:
         return {"model_id": sid, "path": str(path), **metrics}
 
     return run_stage(cfg, "base", run_id, 0, None, inputs, work)
+
+
+def read_corpus(path) -> list[str]:
+    """The documents of an unlabeled text file (`model.tiny.corpus`): blocks separated by a blank line."""
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"model.tiny.corpus: file not found: {path}")
+    docs = [d.strip() for d in path.read_text(encoding="utf-8").split("\n\n") if d.strip()]
+    if not docs:
+        raise ValueError(f"model.tiny.corpus: {path} holds no text")
+    return docs
 
 
 def sft_examples(reg: Registry, seeds_sid: str, judge_template: str, *, eft: bool, seed: int) -> tuple[list, dict]:

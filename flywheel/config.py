@@ -18,6 +18,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .monitors import MonitorsConfig
+
 
 class ConfigError(ValueError):
     """A config that cannot be used; the message is written for a person and names the field."""
@@ -51,6 +53,10 @@ class TinyModelConfig(_Section):
     pretrain_steps: int = Field(300, ge=0, description="Causal-LM steps on the seed corpus: the PT model.")
     pretrain_lr: float = Field(3e-3, gt=0)
     pretrain_batch_size: int = Field(16, ge=1)
+    corpus: Path | None = Field(None, description="Extra unlabeled text for pretraining (documents separated by a "
+                                "blank line), added to the corpus made from the seeds.")
+    split_digits: bool = Field(False, description="Tokenize every digit on its own (as Llama does): numbers keep "
+                               "their digits, which arithmetic needs.")
 
     @model_validator(mode="after")
     def _heads_divide(self) -> "TinyModelConfig":
@@ -80,6 +86,13 @@ class SFTConfig(_Section):
     learning_rate: float = Field(5.5e-6, gt=0)
     batch_size: int = Field(16, ge=1)
     max_length: int = Field(1024, ge=16)
+    baseline_examples: int | None = Field(
+        None, ge=1, description="train.trainer 'sft' (the plain-SFT baseline): seed examples trained on per iteration; "
+                                "default 2 x self_instruct.num_prompts x dpo.epochs, the most sequences a DPO "
+                                "iteration trains on (a chosen and a rejected one per pair and epoch).")
+    baseline_learning_rate: float | None = Field(
+        None, gt=0, description="train.trainer 'sft': its learning rate; default dpo.learning_rate, the rate the "
+                                "iterations it stands in for train at.")
 
 
 class SelfInstructConfig(_Section):
@@ -99,6 +112,9 @@ class SelfInstructConfig(_Section):
                                  "maps", "draw", "plot", "go to", "video", "audio", "music", "flowchart", "diagram"],
         description="Drop prompts naming things a text model cannot see or make (Self-Instruct's list).")
     batch_size: int = Field(32, ge=1)
+    prompts_file: Path | None = Field(
+        None, description="Take each iteration's prompts from this JSON Lines file ({'prompt', 'reference'?}) "
+                          "instead of generating them: num_prompts per iteration, none used twice in a run.")
 
 
 class SamplingSection(_Section):
@@ -167,7 +183,8 @@ class RewardConfig(_Section):
     weights: dict[str, float] = Field(
         default_factory=lambda: {"judge": 1.0},
         description="Signal -> weight: 'judge', 'coherent', or a rule's name. Each signal is z-scored within its "
-                    "prompt, then summed with these weights; a single signal is used as it is.")
+                    "prompt, then summed with these weights; a single signal is used as it is. The judge stage runs "
+                    "only when 'judge' is named here (weight 0: judged for the report, not used in pairs).")
 
 
 class PairsConfig(_Section):
@@ -207,6 +224,8 @@ class DPOConfig(_Section):
     dropout: float = Field(0.1, ge=0, lt=1)
     reference: Literal["previous", "m1"] = Field(
         "previous", description="Reference model: M_t (the model being trained from) or M1 throughout.")
+    nll_weight: float = Field(0.0, ge=0, description="Add this weight x the chosen response's NLL to the DPO loss "
+                              "(Iterative RPO; 1.0 in that paper). 0 is plain DPO, as Self-Rewarding LMs.")
     lora: LoraConfig = LoraConfig()
 
 
@@ -253,7 +272,7 @@ class RSSFTConfig(_Section):
     min_score: float | None = Field(None, description="Keep a best candidate only if its combined score is at least this.")
 
 
-Trainer = Literal["dpo", "ppo", "grpo", "rloo", "rs-sft"]
+Trainer = Literal["dpo", "ppo", "grpo", "rloo", "rs-sft", "sft"]
 
 
 class LaunchConfig(_Section):
@@ -291,6 +310,7 @@ class FlywheelConfig(_Section):
     grpo: OnlineRLConfig = OnlineRLConfig()
     rloo: OnlineRLConfig = OnlineRLConfig()
     rs_sft: RSSFTConfig = RSSFTConfig()
+    monitors: MonitorsConfig = MonitorsConfig()
 
     @model_validator(mode="after")
     def _signals_known(self) -> "FlywheelConfig":

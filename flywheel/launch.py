@@ -40,14 +40,14 @@ log = logging.getLogger("flywheel")
 
 ENTRY_MODULE = "flywheel.train_entry"
 _PACKAGE_PARENT = Path(__file__).resolve().parents[1]
-SECTIONS = {"dpo": "dpo", "grpo": "grpo", "rloo": "rloo", "rs-sft": "rs_sft"}  # trainer -> its config section
+SECTIONS = {"dpo": "dpo", "grpo": "grpo", "rloo": "rloo", "rs-sft": "rs_sft", "sft": "sft"}  # trainer -> its config section
 
 
 @dataclass
 class TrainJob:
     """One training run in plain values, so it can be written to a folder and run by an `accelerate launch` child."""
 
-    trainer: str                     # dpo | grpo | rloo | rs-sft
+    trainer: str                     # dpo | grpo | rloo | rs-sft | sft
     model_path: str                  # M_t
     out_dir: str                     # where M_{t+1} is saved
     rows: list[dict] = field(default_factory=list)

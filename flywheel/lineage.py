@@ -282,6 +282,8 @@ def _render_pair(r: dict) -> Tree:
     p = root.add(f"[bold]prompt[/] {prompt['prompt_id']} ({prompt['source']}): {_esc(_short(prompt['text']))}")
     if prompt["source"] == "seed":
         p.add(f"seed {prompt['seed_id']}; reference: {_esc(_short(prompt['reference']))}")
+    elif prompt["source"] == "file":
+        p.add(f"from self_instruct.prompts_file; reference: {_esc(_short(prompt['reference']))}")
     else:
         p.add(f"written by {_model_label(prompt['model'])}")
         shots = p.add(f"from {len(prompt['few_shot'])} few-shot example prompt(s)")

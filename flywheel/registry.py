@@ -95,7 +95,7 @@ CREATE TABLE IF NOT EXISTS prompts (
     prompt_id     VARCHAR PRIMARY KEY,
     run_id        VARCHAR NOT NULL,
     iteration     INTEGER NOT NULL,            -- 0 for seeds
-    source        VARCHAR NOT NULL,            -- seed | self_instruct
+    source        VARCHAR NOT NULL,            -- seed | self_instruct | file (self_instruct.prompts_file)
     text          VARCHAR NOT NULL,
     reference     VARCHAR,                     -- the seed's answer, if any
     seed_id       VARCHAR,
@@ -294,7 +294,8 @@ class Registry:
     def start_run(self, run_id: str, name: str, config_hash: str, config: dict) -> None:
         self.con.execute(
             "INSERT INTO runs VALUES (?, ?, ?, ?, 'running', ?, NULL) "
-            "ON CONFLICT (run_id) DO UPDATE SET status = 'running', finished_at = NULL",
+            "ON CONFLICT (run_id) DO UPDATE SET status = 'running', finished_at = NULL, "
+            "config_hash = excluded.config_hash, config = excluded.config",  # e.g. new monitor thresholds
             [run_id, name, config_hash, json.dumps(config), now()],
         )
 

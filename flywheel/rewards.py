@@ -25,6 +25,8 @@ A rule that cannot score one response (no reference; a checker that raises or re
 from __future__ import annotations
 
 import importlib
+import inspect
+import json
 import logging
 import math
 import re
@@ -77,33 +79,71 @@ def pad_id_of(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
+def encode_pairs(tokenizer, prompts: list[Prompt], responses: list[str]) -> list[tuple[list[int], list[int]]]:
+    """`encode` for many pairs at once, with the same ids: each distinct prompt's chat text is rendered once (a
+    prompt's n candidates share it) and the texts are tokenised in two batch calls instead of two calls per pair."""
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    if tokenizer.eos_token_id is None:
+        raise RewardError("the tokenizer has no eos token; the end of a response cannot be scored")
+    if not prompts:
+        return []
+    rendered: dict[str, str] = {}
+    chats = []
+    for p in prompts:
+        key = p if isinstance(p, str) else json.dumps(p, sort_keys=True)
+        if key not in rendered:
+            rendered[key] = chat_prompt(tokenizer, p)
+        chats.append(rendered[key])
+    prompt_ids = tokenizer(chats, add_special_tokens=False)["input_ids"]
+    response_ids = tokenizer(list(responses), add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    return [(list(p), list(r) + [eos]) for p, r in zip(prompt_ids, response_ids)]
+
+
 def sequence_logprobs(model, tokenizer, prompts: list[Prompt], responses: list[str], *, batch_size: int,
                       device: str) -> list[tuple[float, int]]:
     """For each (prompt, response): (sum of log p(response tokens + eos | chat-formatted prompt), that token count).
     Batches are padded on the right whatever the tokenizer's padding side, so every row keeps positions 0..n-1 and
     its scores do not depend on its batch. A pair longer than the model's context scores nan."""
-    if len(prompts) != len(responses):
-        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-    pairs = [encode(tokenizer, p, r) for p, r in zip(prompts, responses)]
+    return encoded_logprobs(model, encode_pairs(tokenizer, prompts, responses), pad_id_of(tokenizer),
+                            batch_size=batch_size, device=device)
+
+
+def encoded_logprobs(model, pairs: list[tuple[list[int], list[int]]], pad_id: int, *, batch_size: int,
+                     device: str) -> list[tuple[float, int]]:
+    """`sequence_logprobs` of pairs already encoded (`encode_pairs`), so two models can score one encoding.
+    Per batch, no KV cache is built and the LM head runs from the earliest position that predicts a response token
+    (`logits_to_keep`, when the model takes it); the response positions of every row are then taken at once (one
+    log-sum-exp and one gather over those positions only, no per-row tensors), each row summed in float32."""
     limit = getattr(model.config, "max_position_embeddings", None)
     results: list[tuple[float, int]] = [(math.nan, len(r)) for _, r in pairs]
     fits = [i for i, (p, r) in enumerate(pairs) if limit is None or len(p) + len(r) <= limit]
     fits.sort(key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))  # similar lengths together: less padding
+    keep = "logits_to_keep" in inspect.signature(model.forward).parameters
     was_training = model.training
     model.eval()
     try:
         with timing.compute(), torch.inference_mode():
             for start in range(0, len(fits), batch_size):
                 idx = fits[start : start + batch_size]
-                ids, mask = pad([pairs[i][0] + pairs[i][1] for i in idx], pad_id_of(tokenizer))
-                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-                for row, i in enumerate(idx):
-                    p, r = pairs[i]
-                    # logits at position t predict token t + 1: the response's tokens are predicted from len(p)-1 on
-                    step = logits[row, len(p) - 1 : len(p) - 1 + len(r)].float()
-                    target = torch.tensor(r, device=step.device)
-                    logp = step.gather(-1, target[:, None]).squeeze(-1) - torch.logsumexp(step, dim=-1)
-                    results[i] = (float(logp.sum()), len(r))
+                ids, mask = pad([pairs[i][0] + pairs[i][1] for i in idx], pad_id)
+                # logits at position t predict token t + 1: a row's response is predicted from len(prompt) - 1 on.
+                # Positions before the batch's earliest such one only condition: the LM head skips them.
+                lo = min(len(pairs[i][0]) for i in idx) - 1 if keep else 0
+                extra = {"logits_to_keep": ids.shape[1] - lo} if keep else {}
+                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False,
+                               **extra).logits
+                n_resp = [len(pairs[i][1]) for i in idx]
+                counts = torch.tensor(n_resp)
+                first = torch.repeat_interleave(torch.tensor([len(pairs[i][0]) - 1 - lo for i in idx]), counts)
+                offset = torch.arange(int(counts.sum())) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)
+                rows = torch.repeat_interleave(torch.arange(len(idx)), counts).to(logits.device)
+                step = logits[rows, (first + offset).to(logits.device)].float()
+                target = torch.tensor([t for i in idx for t in pairs[i][1]], device=step.device)
+                logp = step.gather(-1, target[:, None]).squeeze(-1) - torch.logsumexp(step, dim=-1)
+                for i, part in zip(idx, torch.split(logp, n_resp)):
+                    results[i] = (float(part.sum()), len(pairs[i][1]))
     finally:
         model.train(was_training)
     return results
@@ -125,8 +165,10 @@ def coherent_rewards(sft_model, pt_model, tokenizer, prompts: list[Prompt], resp
     if sft_model.config.vocab_size != pt_model.config.vocab_size:
         raise RewardError(f"the SFT model's vocabulary ({sft_model.config.vocab_size}) differs from the PT model's "
                           f"({pt_model.config.vocab_size}); the coherent reward needs one tokenizer for both")
-    sft = sequence_logprobs(sft_model, tokenizer, prompts, responses, batch_size=batch_size, device=device)
-    pt = sequence_logprobs(pt_model, tokenizer, prompts, responses, batch_size=batch_size, device=device)
+    pairs = encode_pairs(tokenizer, prompts, responses)  # once: both models score the same ids
+    pad_id = pad_id_of(tokenizer)
+    sft = encoded_logprobs(sft_model, pairs, pad_id, batch_size=batch_size, device=device)
+    pt = encoded_logprobs(pt_model, pairs, pad_id, batch_size=batch_size, device=device)
     out = []
     for (logp_sft, n), (logp_pt, _) in zip(sft, pt):
         if math.isnan(logp_sft) or math.isnan(logp_pt):

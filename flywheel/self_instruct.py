@@ -10,6 +10,9 @@ something a text model cannot see or make: images, files, ...), `duplicate`, or 
 `dedup_threshold` against a prompt kept so far: seeds, earlier iterations, earlier attempts; see `dedup.py`).
 Attempts are made in fixed batches in order, each batch with its own seed, so a resumed stage continues exactly where
 a killed one stopped.
+
+With `self_instruct.prompts_file` set, the prompts come from that file instead (`prompts_from_file`): a pool of
+unlabeled prompts, as Meta-Rewarding and SPPO use, or a task's generator (`flywheel/miniworld.py`).
 """
 
 from __future__ import annotations
@@ -91,9 +94,61 @@ def few_shot(seeds: list[dict], generated: list[dict], cfg: SelfInstructConfig, 
     return shots
 
 
+def read_prompts_file(path) -> list[dict]:
+    """The rows of `self_instruct.prompts_file`: {'prompt', 'reference' (optional)} per JSON line, in file order."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"self_instruct.prompts_file: file not found: {path}")
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"self_instruct.prompts_file: {path}:{n} is not JSON ({e.msg})") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str) or not obj["prompt"].strip():
+            raise ValueError(f"self_instruct.prompts_file: {path}:{n} needs a non-empty string 'prompt'")
+        ref = obj.get("reference")
+        rows.append({"prompt": obj["prompt"].strip(), "reference": None if ref is None else str(ref)})
+    if not rows:
+        raise ValueError(f"self_instruct.prompts_file: {path} holds no prompts")
+    return rows
+
+
+def prompts_from_file(cfg: FlywheelConfig, run_id: str, iteration: int, seeds_sid: str,
+                      earlier_sids: list[str]) -> StageResult:
+    """The iteration's prompts drawn from a file instead of written by the model: `num_prompts` of them, at random
+    (seeded), none that a seed or an earlier iteration of the run already used. References come along, for rule
+    rewards. Same stage name and rows as self-instruct, with source 'file'."""
+    c = cfg.self_instruct
+    pool = read_prompts_file(c.prompts_file)
+    inputs = {"prompts_file": content_hash(pool), "num_prompts": c.num_prompts, "seeds": seeds_sid,
+              "earlier": sorted(earlier_sids), "seed": cfg.run.seed}
+
+    def work(reg: Registry, sid: str) -> dict:
+        used = {r["text"] for r in reg.rows("SELECT text FROM prompts WHERE stage_run_id IN (SELECT unnest(?))",
+                                             [[seeds_sid, *earlier_sids]])}
+        fresh = list({r["prompt"]: r for r in pool if r["prompt"] not in used}.values())
+        picked = random.Random(content_hash([sid, cfg.run.seed])).sample(fresh, min(c.num_prompts, len(fresh)))
+        reg.insert("prompts", [dict(prompt_id=f"p-{content_hash([sid, i])}", run_id=run_id, iteration=iteration,
+                                    source="file", text=r["prompt"], reference=r["reference"], seed_id=None,
+                                    few_shot_ids=None, kept=True, drop_reason=None, model_id=None, stage_run_id=sid,
+                                    config_hash=cfg.config_hash(), created_at=now()) for i, r in enumerate(picked)])
+        return {"attempted": len(picked), "kept": len(picked), "dropped": {}, "source": str(c.prompts_file),
+                "unused_before": len(fresh)}
+
+    return run_stage(cfg, "self_instruct", run_id, iteration, None, inputs, work)
+
+
 def self_instruct(cfg: FlywheelConfig, run_id: str, iteration: int, model_id: str, seeds_sid: str,
                   earlier_sids: list[str]) -> StageResult:
     c = cfg.self_instruct
+    if c.prompts_file is not None:
+        return prompts_from_file(cfg, run_id, iteration, seeds_sid, earlier_sids)
     with Registry(cfg.registry.root) as reg:
         template, template_hash = load_template(reg, c.template, "self_instruct")
     inputs = {"model": model_id, "seeds": seeds_sid, "earlier": sorted(earlier_sids), "cfg": c.model_dump(mode="json"),

@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 from rich.console import Console
-from rich.table import Table
 
+from .progress import grid_table
 from .registry import Registry
 
 METRICS = ["model", "prompts made", "prompts kept", "dropped", "candidates", "judge samples", "parse failures",
@@ -28,7 +28,8 @@ def collect(reg: Registry, run_id: str) -> list[dict]:
         it["seconds"] += r["seconds"] or 0.0
     models = {m["model_id"]: m for m in reg.rows("SELECT model_id, name, path FROM models")}
     for it in by_iter.values():
-        made = it["stages"].get("sft" if it["iteration"] == 0 else "dpo", {}).get("model_id")
+        trainers = ("sft",) if it["iteration"] == 0 else ("dpo", "ppo", "grpo", "rloo", "rs-sft", "sft")
+        made = next((it["stages"][k].get("model_id") for k in trainers if k in it["stages"]), None)
         it["model"] = models.get(made)
     return [by_iter[k] for k in sorted(by_iter)]
 
@@ -95,12 +96,7 @@ def write(reg: Registry, run_id: str) -> tuple[list[dict], Path]:
 
 def print_table(run_id: str, iterations: list[dict], console: Console | None = None) -> None:
     console = console or Console()
-    header, grid = _grid(iterations)
-    table = Table(title=f"flywheel run {run_id}")
-    for h in header:
-        table.add_column(h, overflow="fold")
-    for row in grid:
-        table.add_row(*row)
+    table = grid_table(f"flywheel run {run_id}", *_grid(iterations))
     for it in iterations:
         if it["iteration"] == 0:
             console.print(f"Iteration 0: {bootstrap_line(it)}")

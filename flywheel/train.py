@@ -209,7 +209,13 @@ def sft_train(model, tokenizer, examples: list[dict], *, epochs: float, lr: floa
         )
         trainer = _quiet(SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict(rows),
                                     processing_class=tokenizer))
-        return _finish(trainer, tokenizer, (), save_dir)
+        # TRL drops an example whose prompt alone fills max_length (nothing left to learn): count it, say so
+        dropped = len(examples) - len(trainer.train_dataset)
+        if dropped:
+            logging.getLogger("flywheel").warning(
+                "SFT: %d of %d examples dropped: their prompt alone fills max_length=%d (raise it)",
+                dropped, len(examples), max_length)
+        return {**_finish(trainer, tokenizer, (), save_dir), "examples_dropped_too_long": dropped}
 
 
 def peft_lora_config(lora):
@@ -224,7 +230,8 @@ def peft_lora_config(lora):
 
 def dpo_train(model, tokenizer, pairs: list[dict], *, beta: float, lr: float, epochs: float, batch_size: int,
               max_length: int, device: str, seed: int, min_lr_ratio: float = 0.1, dropout: float = 0.0,
-              lora=None, ref_model=None, save_dir: str | Path | None = None) -> dict[str, float]:
+              lora=None, ref_model=None, nll_weight: float = 0.0,
+              save_dir: str | Path | None = None) -> dict[str, float]:
     """DPO on {"prompt", "chosen", "rejected"} rows (plain strings).
 
     - The learning rate decays by cosine to `min_lr_ratio` of its start (paper: 1e-6 -> 1e-7).
@@ -235,6 +242,8 @@ def dpo_train(model, tokenizer, pairs: list[dict], *, beta: float, lr: float, ep
       with adapters disabled, which then runs with the policy's dropout). Otherwise the given model (e.g. M1),
       used in eval mode.
     - `lora` (the `dpo.lora` section): train LoRA adapters through peft, merged into the weights before saving.
+    - `nll_weight` > 0 adds that weight times the chosen response's NLL (Iterative RPO, Pang et al. 2024): TRL's
+      loss types ["sigmoid", "sft"] with weights [1, nll_weight].
     """
     rows = {
         "prompt": [[{"role": "user", "content": p["prompt"]}] for p in pairs],
@@ -248,6 +257,7 @@ def dpo_train(model, tokenizer, pairs: list[dict], *, beta: float, lr: float, ep
             beta=beta, learning_rate=lr, num_train_epochs=epochs, per_device_train_batch_size=batch_size,
             max_length=max_length, lr_scheduler_type="cosine_with_min_lr",
             lr_scheduler_kwargs={"min_lr_rate": min_lr_ratio}, disable_dropout=False,
+            **({"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, nll_weight]} if nll_weight else {}),
             **_common_args(device, seed, out),
         )
         trainer = _quiet(DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=Dataset.from_dict(rows),

@@ -3,6 +3,7 @@
     train_grpo(cfg, run_id, iteration, model_id, prompts_sid, sft_model_id, pt_model_id)   # kind "grpo"
     train_rloo(cfg, run_id, iteration, model_id, prompts_sid, sft_model_id, pt_model_id)   # kind "rloo"
     train_rs_sft(cfg, run_id, iteration, model_id, judge_sid, reward_sid)                   # kind "rs-sft"
+    train_seed_sft(cfg, run_id, iteration, model_id, seeds_sid)                              # kind "sft" (baseline)
 
 Every trainer stage has one shape (`train_stage`): read its training rows from the registry into a TrainJob (plain
 values, `flywheel.launch`), run the job, save M_{t+1} atomically, register it with its reference model, dataset
@@ -78,7 +79,7 @@ def run_job(cfg: FlywheelConfig, job: TrainJob) -> dict:
         ref = _load(job.ref_path, device)[0] if job.ref_path else None
         metrics = train.dpo_train(model, tokenizer, job.rows, beta=c.beta, lr=c.learning_rate, epochs=c.epochs,
                                   batch_size=c.batch_size, max_length=c.max_length, min_lr_ratio=c.min_lr_ratio,
-                                  dropout=c.dropout, lora=c.lora, ref_model=ref, **common)
+                                  dropout=c.dropout, lora=c.lora, ref_model=ref, nll_weight=c.nll_weight, **common)
         extra["dropout_applied_to"] = metrics.pop("dropout_fields")
     elif job.trainer in ("grpo", "rloo"):
         c: OnlineRLConfig = getattr(cfg, job.trainer)
@@ -90,6 +91,11 @@ def run_job(cfg: FlywheelConfig, job: TrainJob) -> dict:
         c = cfg.rs_sft
         metrics = train.sft_train(model, tokenizer, job.rows, epochs=c.epochs, lr=c.learning_rate,
                                   batch_size=c.batch_size, max_length=c.max_length, **common)
+    elif job.trainer == "sft":  # the rows are already the iteration's budget: one pass
+        c = cfg.sft
+        metrics = train.sft_train(model, tokenizer, job.rows, epochs=1,
+                                  lr=c.baseline_learning_rate or cfg.dpo.learning_rate,
+                                  batch_size=cfg.dpo.batch_size, max_length=c.max_length, **common)
     else:
         raise ValueError(f"unknown trainer {job.trainer!r}; known: {sorted(SECTIONS)}")
     del model
@@ -223,3 +229,38 @@ def train_rs_sft(cfg: FlywheelConfig, run_id: str, iteration: int, model_id: str
                                "mean_score": round(sum(r["score"] for r in rows) / len(rows), 4)}}
 
     return train_stage(cfg, "rs-sft", run_id, iteration, model_id, inputs, make_job)
+
+
+def baseline_budget(cfg: FlywheelConfig) -> int:
+    """Examples per iteration of the plain-SFT baseline (`sft.baseline_examples`, see its description)."""
+    return cfg.sft.baseline_examples or 2 * cfg.self_instruct.num_prompts * max(1, round(cfg.dpo.epochs))
+
+
+def train_seed_sft(cfg: FlywheelConfig, run_id: str, iteration: int, model_id: str, seeds_sid: str) -> StageResult:
+    """The plain-SFT baseline: M_{t+1} = M_t fine-tuned further on M1's own SFT data (the seeds' IFT and EFT), with
+    no generation, judging or pairs; kind "sft". It gets `baseline_budget` examples per iteration (the seed examples
+    in a seeded shuffle, cycled), so it trains on as many sequences as a DPO iteration can, at DPO's batch size and
+    (unless `sft.baseline_learning_rate` is set) learning rate."""
+    from .bootstrap import sft_examples
+    from .stage import load_template
+
+    with Registry(cfg.registry.root) as reg:
+        judge_text, judge_hash = load_template(reg, cfg.judge.template, "judge")
+    budget = baseline_budget(cfg)
+    inputs = {"model": model_id, "seeds": seeds_sid, "sft": cfg.sft.model_dump(mode="json"), "examples": budget,
+              "lr": cfg.sft.baseline_learning_rate or cfg.dpo.learning_rate, "batch_size": cfg.dpo.batch_size,
+              "eft": cfg.seeds.eft, "judge_template": judge_hash, "seed": cfg.run.seed}
+
+    def make_job(reg: Registry, sid: str) -> tuple[TrainJob, dict]:
+        import random
+
+        examples, counts = sft_examples(reg, seeds_sid, judge_text, eft=cfg.seeds.eft, seed=cfg.run.seed)
+        order = list(range(len(examples)))
+        random.Random(content_hash([sid, cfg.run.seed])).shuffle(order)
+        rows = [examples[order[i % len(order)]] for i in range(budget)] if examples else []
+        job = TrainJob("sft", reg.model(model_id)["path"], str(reg.model_dir(sid)), rows)
+        return job, {"dataset_version": f"sft-{content_hash(rows)}",
+                     "stats": {"examples": len(rows), "seed_examples": len(examples), "ift": counts["ift"],
+                               "eft": counts["eft"]}}
+
+    return train_stage(cfg, "sft", run_id, iteration, model_id, inputs, make_job)

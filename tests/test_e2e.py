@@ -97,12 +97,22 @@ def test_counts_add_up_and_rows_record_their_origin(finished_run):
             assert reg.scalar("SELECT count(DISTINCT template_hash) FROM judgments WHERE stage_run_id = ?", [jd]) == 1
 
 
+def _iteration_flow_runs() -> int:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+
+    with get_client(sync_client=True) as client:
+        return len(client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["flywheel-iteration"]))))
+
+
 def test_running_again_through_the_cli_changes_nothing(finished_run, capsys):
     cfg, run_id = finished_run
     with Registry(cfg.registry.root) as reg:
         before = {t: reg.scalar(f"SELECT count(*) FROM {t}") for t in TABLES}
         finished = reg.rows("SELECT stage_run_id, finished_at FROM stage_runs ORDER BY 1")
+    iteration_runs = _iteration_flow_runs()
     assert cli_main(["run", "--config", "tests/small.yaml", f"registry.root={cfg.registry.root}"]) == 0
+    assert _iteration_flow_runs() == iteration_runs  # finished iterations are skipped whole, no subflow run
     with Registry(cfg.registry.root) as reg:
         assert {t: reg.scalar(f"SELECT count(*) FROM {t}") for t in TABLES} == before
         assert reg.rows("SELECT stage_run_id, finished_at FROM stage_runs ORDER BY 1") == finished
@@ -139,3 +149,18 @@ def test_a_new_judge_setting_reuses_prompts_and_candidates(finished_run, prefect
         shared = reg.rows("SELECT a.stage FROM run_stages a JOIN run_stages b USING (iteration, stage, stage_run_id) "
                           "WHERE a.run_id = ? AND b.run_id = ? ORDER BY a.iteration, a.stage", [run_id, new_run])
         assert [s["stage"] for s in shared] == ["base", "seeds", "sft", "generate", "self_instruct"]
+
+
+def test_the_flow_publishes_its_report_as_files_and_a_prefect_artifact(finished_run):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    cfg, run_id = finished_run
+    out = Path(cfg.registry.root) / "runs" / run_id
+    assert {"report.md", "report.json", "curves.png", "scores-1.png", "scores-2.png"} <= {p.name for p in out.iterdir()}
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["flywheel-report"])))
+    texts = [a.data for a in artifacts if run_id in a.data]
+    assert texts and all(a.type == "markdown" for a in artifacts)
+    assert "## Monitors" in texts[0] and "### Iteration 1" in texts[0] and "### Iteration 2" in texts[0]
+    assert "![" not in texts[0]  # the artifact has no images; the file beside them does

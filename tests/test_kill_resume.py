@@ -36,11 +36,11 @@ OVERRIDES = [
     "model.tiny.vocab_size=400", "model.tiny.hidden_size=32", "model.tiny.intermediate_size=64",
     "model.tiny.num_layers=1", "model.tiny.pretrain_steps=0", "model.tiny.max_position=256",
     "sft.epochs=1", "sft.batch_size=8", "sft.max_length=128",
-    "self_instruct.num_prompts=12", "self_instruct.batch_size=4", "self_instruct.few_shot=2",
+    "self_instruct.num_prompts=24", "self_instruct.batch_size=6", "self_instruct.few_shot=2",
     "self_instruct.seed_shots=2", "self_instruct.max_new_tokens=16", "self_instruct.dedup_threshold=1.0",
     "generate.n=2", "generate.max_new_tokens=12", "generate.batch_size=2",
     "judge.samples=2", "judge.max_new_tokens=8", "judge.batch_size=3",
-    "reward.coherent=true", "reward.weights.coherent=1.0", "reward.batch_size=8",
+    "reward.coherent=true", "reward.weights={judge: 0.0, coherent: 1.0}", "reward.batch_size=8",
     "dpo.epochs=1", "dpo.batch_size=8", "dpo.max_length=128",
 ]
 # Timestamps, timings, and the hash of the flywheel source a process ran (a fork's stages run in another process; in a
@@ -202,7 +202,9 @@ def check_registry(ref: Reference) -> None:
     got, want = contents(ref.work), contents(ref.snapshots / "final")
     assert set(got) == set(want)
     for table in want:
-        assert got[table] == want[table], f"table {table} differs from the uninterrupted run"
+        diffs = [(i, x, y) for a, b in zip(got[table], want[table]) if a != b
+                 for i, (x, y) in enumerate(zip(a, b)) if x != y]
+        assert got[table] == want[table], f"table {table} differs from the uninterrupted run: {diffs[:3]}"
     with Registry(ref.work) as reg:
         for table, key in primary_keys(reg).items():
             sql = f"SELECT count(*), count(DISTINCT ({', '.join(key)})) FROM {table}"

@@ -5,7 +5,10 @@ import pytest
 from flywheel.config import load_config
 import json
 
-from flywheel.pairs import SnapshotError, build_pairs, combined_scores, read_snapshot, snapshot_path
+import pyarrow as pa
+
+from flywheel.pairs import (EXTREMES_SQL, FAST_EXTREMES_SQL, JUDGE_VALUES, SnapshotError, build_pairs, combined_scores,
+                           read_snapshot, snapshot_path, table_hash)
 from flywheel.registry import Registry, now
 
 JUDGE_SID = "judge-test"
@@ -165,3 +168,32 @@ def test_coherent_reward_alone_is_used_as_it_is(cfg):
     _, pairs = _pairs(cfg, reward_sid=sid)
     assert (pairs["p1"]["chosen_id"], pairs["p1"]["rejected_id"]) == ("b", "a")   # c counts: the judge is not weighted
     assert (pairs["p1"]["chosen_score"], pairs["p1"]["rejected_score"]) == (7.5, -3.0)
+
+
+def test_fast_path_picks_what_the_general_statement_picks(cfg):
+    """One weighted signal and rho = 0 take a plain GROUP BY (no z-scores, no windows); on ties, parse failures and
+    single-candidate prompts it must give the general statement's table row for row."""
+    with Registry(cfg.registry.root) as reg:
+        _write(reg, {"p1": {"a": [4, 5, 3], "b": [1, 2, None], "c": [3, 3, 3]}, "p2": {"d": [3, 3], "e": [3, None]},
+                     "p3": {"f": [5, 5], "g": [None, None]}, "p4": {"h": [2], "i": [2], "j": [0]},
+                     "p5": {"k": [1.5], "l": [4], "m": [4], "n": [1.5]}},
+               lengths={"a": 9, "b": 1, "h": 3, "i": 7})
+        weights = [{"signal": "judge", "weight": 1.0}]
+        tables = []
+        for sql, params in ((EXTREMES_SQL, dict(judge_sid=JUDGE_SID, reward_sid=None, weights=weights, rho=0.0)),
+                            (FAST_EXTREMES_SQL.format(values=JUDGE_VALUES), dict(judge_sid=JUDGE_SID, signal="judge"))):
+            reg.con.execute(sql, params)
+            tables.append(reg.rows("SELECT prompt_id, ch, rj FROM pair_extremes ORDER BY prompt_id"))
+    assert tables[0] == tables[1] and len(tables[0]) == 5
+    by_prompt = {r["prompt_id"]: (r["ch"]["id"], r["rj"]["id"]) for r in tables[1]}
+    assert by_prompt["p4"] == ("i", "j") and by_prompt["p5"] == ("m", "k") and by_prompt["p3"] == ("f", "f")
+
+
+def test_table_hash_sees_content_not_layout():
+    t = pa.table({"id": ["a", "bb", None], "x": [1.0, 2.5, 3.0]})
+    same = pa.Table.from_batches(t.to_batches(max_chunksize=1)).cast(
+        pa.schema([pa.field("id", pa.large_string()), pa.field("x", pa.float64())]))
+    assert table_hash(t) == table_hash(same)
+    assert table_hash(t) != table_hash(pa.table({"id": ["a", "bb", ""], "x": [1.0, 2.5, 3.0]}))   # null vs ""
+    assert table_hash(t) != table_hash(pa.table({"id": ["ab", "b", None], "x": [1.0, 2.5, 3.0]}))  # where bytes split
+    assert table_hash(t) != table_hash(pa.table({"id": ["a", "bb", None], "x": [1.0, 2.5, 3.5]}))

@@ -12,8 +12,8 @@ from flywheel.generate import generate
 from flywheel.models import build_tiny_model, build_tokenizer, save_atomically
 from flywheel.registry import Registry, now
 from flywheel.reward_stage import reward
-from flywheel.rewards import (RewardError, check_same_tokenizer, coherent_rewards, extract_answer, make_rule,
-                              reward_functions, reward_weights, sequence_logprobs)
+from flywheel.rewards import (RewardError, check_same_tokenizer, coherent_rewards, encode, encode_pairs, extract_answer,
+                              make_rule, reward_functions, reward_weights, sequence_logprobs)
 from flywheel.seeds import load_seeds, pretrain_corpus
 from tests.tiny import TINY
 
@@ -89,6 +89,16 @@ def test_coherent_reward_equals_direct_per_token_computation(tiny):
         assert g["logp_pt"] == pytest.approx(logp_pt, abs=1e-3)
         assert g["value"] == pytest.approx(logp_sft - logp_pt, abs=2e-3)
         assert abs(g["value"]) > 0.01  # two different models: the test would see a reward of 0
+
+
+def test_batch_encoding_gives_the_ids_of_one_pair_at_a_time(tiny):
+    """encode_pairs (one chat render per distinct prompt, batch tokenizer calls) must give encode's ids exactly."""
+    _, _, tok = tiny
+    chat = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi."}, {"role": "user", "content": PROMPTS[1]}]
+    prompts = [PROMPTS[0], PROMPTS[0], chat, PROMPTS[1], chat]
+    responses = [RESPONSES[0], "", RESPONSES[1], RESPONSES[0], "Another answer, longer than the others here."]
+    assert encode_pairs(tok, prompts, responses) == [encode(tok, p, r) for p, r in zip(prompts, responses)]
+    assert encode_pairs(tok, [], []) == []
 
 
 def test_prompt_is_masked_and_only_conditions(tiny):

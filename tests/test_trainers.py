@@ -239,3 +239,19 @@ def test_accelerate_mode_trains_in_a_child_process(tmp_path, models):
     assert row["kind"] == "rs-sft" and row["metrics"]["examples"] == 8
     assert not torch.equal(after["model.norm.weight"], _weights(models["m1"])["model.norm.weight"])
     print(f"\nRS-SFT in an accelerate child: {s['seconds_per_step']:.3f} s/step; stage wall {s['wall_s']:.1f} s")
+
+
+def test_sft_counts_and_reports_examples_too_long_to_learn_from(caplog):
+    """TRL drops an example whose prompt alone fills max_length; sft_train says how many, never silently."""
+    from flywheel.config import TinyModelConfig
+    from flywheel.models import build_tiny_model, build_tokenizer
+    from flywheel.train import sft_train
+
+    tok = build_tokenizer(["hello world, a small text"] * 20, 300)
+    model = build_tiny_model(TinyModelConfig(vocab_size=300, hidden_size=16, intermediate_size=32, num_layers=1,
+                                             num_heads=2, num_kv_heads=1, max_position=256), tok, 0)
+    examples = [{"prompt": "hi", "completion": "hello"}] * 4 + [{"prompt": "x " * 200, "completion": "y"}] * 2
+    with caplog.at_level("WARNING", logger="flywheel"):
+        metrics = sft_train(model, tok, examples, epochs=1, lr=1e-3, batch_size=2, max_length=64, device="cpu", seed=0)
+    assert metrics["examples_dropped_too_long"] == 2 and metrics["steps"] == 2
+    assert "2 of 6 examples dropped" in caplog.text

@@ -17,13 +17,21 @@ def preflight(cfg: FlywheelConfig) -> None:
 
     load_seed_data(cfg.seeds.path, cfg.seeds.format)
     check_backend(cfg.generate)
+    if cfg.model.base == "tiny" and cfg.model.tiny.corpus:
+        from ..bootstrap import read_corpus
+
+        read_corpus(cfg.model.tiny.corpus)
+    if cfg.self_instruct.prompts_file:
+        from ..self_instruct import read_prompts_file
+
+        read_prompts_file(cfg.self_instruct.prompts_file)
     for name, path in (("judge.template", cfg.judge.template), ("self_instruct.template", cfg.self_instruct.template)):
         if not path.is_file():
             raise ConfigError(f"{name}: template file not found: {path}")
 
 
 def run_flywheel(cfg: FlywheelConfig) -> int:
-    """Run (or resume) the flywheel of `cfg` through Prefect, then print and write its summary. The run holds the
+    """Run (or resume) the flywheel of `cfg` through Prefect, then write its summary and report and print the report. The run holds the
     registry's lock throughout (`flywheel.lock`): a second run on the same registry stops at once, naming this one."""
     from contextlib import ExitStack
 
@@ -38,12 +46,14 @@ def run_flywheel(cfg: FlywheelConfig) -> int:
             console.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
             return 1
         os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+        os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")  # busy 2-core machines
         os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "flywheel")  # batch commits in Prefect's logs and UI
         logging.getLogger("flywheel").setLevel(logging.INFO)
         from flows.flywheel_flow import flywheel_flow  # imports prefect: after the environment is set
 
-        from .. import summary
+        from .. import report, summary
         from ..dpo import NoPairsError
+        from ..monitors import evaluate
         from ..registry import Registry, RegistryLockedError
 
         console.print(f"[bold]flywheel[/] run [cyan]{run_id}[/]: {cfg.run.iterations} iteration(s), "
@@ -59,12 +69,18 @@ def run_flywheel(cfg: FlywheelConfig) -> int:
         wall = time.perf_counter() - t0
         with Registry(cfg.registry.root) as reg:
             iterations, path = summary.write(reg, run_id)
-    summary.print_table(run_id, iterations, console)
+            report_rows = report.collect(reg, run_id)  # the flow wrote the report's files; print the same figures
+            checks = evaluate(report_rows, report.monitors_config(reg, run_id))
+            report_path = report.report_dir(reg, run_id) / "report.md"
+            bootstrap = report.bootstrap_sentence(reg, run_id)
+    report.print_report(run_id, report_rows, checks, console, bootstrap)
     for it in iterations:
         if it["model"]:
             console.print(f"  {it['model']['name']}: {it['model']['path']}", soft_wrap=True)
     console.print(f"Registry: {cfg.registry.root / 'flywheel.duckdb'}", soft_wrap=True)
     console.print(f"Summary:  {path}", soft_wrap=True)
+    console.print(f"Report:   {report_path} (plots beside it; `flywheel report --strict` exits 1 on a monitor warning)",
+                  soft_wrap=True)
     console.print(f"Wall time: {wall:.1f} s")
     return 0
 

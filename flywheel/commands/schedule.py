@@ -29,6 +29,7 @@ USAGE = ('flywheel schedule needs --cron to register a schedule (flywheel schedu
 def _server() -> str:
     """The Prefect API URL; a clear error when none is set."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     from prefect.settings import PREFECT_API_URL
 
     url = PREFECT_API_URL.value()
