@@ -18,9 +18,9 @@ every run on the held-out test set:
 - `sampled_accuracy`, `own_score_right` / `own_score_wrong`: in the iteration the model ran as M_t, the share of its
   sampled candidates that were right, and the mean score it gave, as judge, to its right and its wrong candidates.
 
-Scores are cached per model id under `<registry>/experiments/<name>/eval/` (a model id is a content hash), so an
-interrupted experiment resumes where it stopped. Results: `results.json`, `results.md` (mean and spread over
-seeds), `curves.png`.
+Scores are cached under `<registry>/experiments/<name>/eval/`, named by the model id (a content hash) and a hash of
+the test set and the scoring settings, so an interrupted experiment resumes where it stopped. Results:
+`results.json`, `results.md` (mean and spread over seeds), `curves.png`.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from typing import Any
 import yaml
 from pydantic import Field, ValidationError
 
-from .config import ConfigError, FlywheelConfig, _Section, _format_errors, apply_override
+from .config import ConfigError, FlywheelConfig, _Section, _format_errors, apply_override, content_hash
 from .miniworld import SortWorld, WorldSizes, is_correct, near_miss, read_jsonl
 
 
@@ -216,6 +216,8 @@ def run_experiment(exp: ExperimentConfig, root: Path, variants: list[str] | None
         test = read_jsonl(files["test"])
         for variant in names:
             cfg = variant_config(exp, variant, seed, root, files)
+            # a model's scores depend on it, the test set, and how it is scored: all three name its cache file
+            scoring = content_hash([test, exp.eval.model_dump(), seed, cfg.judge.model_dump(mode="json")], 8)
             t0 = time.perf_counter()
             stopped = None
             try:
@@ -234,7 +236,7 @@ def run_experiment(exp: ExperimentConfig, root: Path, variants: list[str] | None
                 sampled = [candidate_accuracy(reg, run_id, t) for t in range(1, len(chain) + 1)]
                 judged = [own_judgments(reg, run_id, t) for t in range(1, len(chain) + 1)]
             for k, model in enumerate(chain):
-                cache = out / "eval" / f"{model['model_id']}.json"
+                cache = out / "eval" / f"{model['model_id']}-{scoring}.json"
                 if cache.is_file():
                     scores = json.loads(cache.read_text())
                 else:
