@@ -9,6 +9,7 @@ synthetic 5/2/0 examples.
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 from .backends import release_backends
 from .config import FlywheelConfig, content_hash
@@ -118,8 +119,6 @@ def build_base(cfg: FlywheelConfig, run_id: str, seeds_sid: str) -> StageResult:
 
 def read_corpus(path) -> list[str]:
     """The documents of an unlabeled text file (`model.tiny.corpus`): blocks separated by a blank line."""
-    from pathlib import Path
-
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"model.tiny.corpus: file not found: {path}")

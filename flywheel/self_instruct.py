@@ -17,8 +17,10 @@ unlabeled prompts, as Meta-Rewarding and SPPO use, or a task's generator (`flywh
 
 from __future__ import annotations
 
+import json
 import random
 import re
+from pathlib import Path
 
 from .backends import SamplingParams
 from .config import FlywheelConfig, SelfInstructConfig, content_hash
@@ -96,9 +98,6 @@ def few_shot(seeds: list[dict], generated: list[dict], cfg: SelfInstructConfig, 
 
 def read_prompts_file(path) -> list[dict]:
     """The rows of `self_instruct.prompts_file`: {'prompt', 'reference' (optional)} per JSON line, in file order."""
-    import json
-    from pathlib import Path
-
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"self_instruct.prompts_file: file not found: {path}")

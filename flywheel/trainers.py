@@ -22,6 +22,7 @@ drops those under `rs_sft.min_score`, and fine-tunes M_t on them.
 from __future__ import annotations
 
 import gc
+import random
 from typing import Callable
 
 from .backends import release_backends
@@ -31,7 +32,7 @@ from .launch import SECTIONS, TrainJob, run_accelerate
 from .models import resolve_device
 from .registry import Registry
 from .rewards import online_signals, reward_weights
-from .stage import StageResult, run_stage
+from .stage import StageResult, load_template, run_stage
 
 
 class NoTrainingDataError(RuntimeError):
@@ -94,7 +95,7 @@ def run_job(cfg: FlywheelConfig, job: TrainJob) -> dict:
     elif job.trainer == "sft":  # the rows are already the iteration's budget: one pass
         c = cfg.sft
         metrics = train.sft_train(model, tokenizer, job.rows, epochs=1,
-                                  lr=c.baseline_learning_rate or cfg.dpo.learning_rate,
+                                  lr=baseline_learning_rate(cfg),
                                   batch_size=cfg.dpo.batch_size, max_length=c.max_length, **common)
     else:
         raise ValueError(f"unknown trainer {job.trainer!r}; known: {sorted(SECTIONS)}")
@@ -236,24 +237,26 @@ def baseline_budget(cfg: FlywheelConfig) -> int:
     return cfg.sft.baseline_examples or 2 * cfg.self_instruct.num_prompts * max(1, round(cfg.dpo.epochs))
 
 
+def baseline_learning_rate(cfg: FlywheelConfig) -> float:
+    """The plain-SFT baseline's learning rate: `sft.baseline_learning_rate`, else DPO's."""
+    return cfg.sft.baseline_learning_rate or cfg.dpo.learning_rate
+
+
 def train_seed_sft(cfg: FlywheelConfig, run_id: str, iteration: int, model_id: str, seeds_sid: str) -> StageResult:
     """The plain-SFT baseline: M_{t+1} = M_t fine-tuned further on M1's own SFT data (the seeds' IFT and EFT), with
     no generation, judging or pairs; kind "sft". It gets `baseline_budget` examples per iteration (the seed examples
     in a seeded shuffle, cycled), so it trains on as many sequences as a DPO iteration can, at DPO's batch size and
     (unless `sft.baseline_learning_rate` is set) learning rate."""
-    from .bootstrap import sft_examples
-    from .stage import load_template
+    from .bootstrap import sft_examples  # bootstrap imports the training stack: only when this trainer runs
 
     with Registry(cfg.registry.root) as reg:
         judge_text, judge_hash = load_template(reg, cfg.judge.template, "judge")
     budget = baseline_budget(cfg)
     inputs = {"model": model_id, "seeds": seeds_sid, "sft": cfg.sft.model_dump(mode="json"), "examples": budget,
-              "lr": cfg.sft.baseline_learning_rate or cfg.dpo.learning_rate, "batch_size": cfg.dpo.batch_size,
+              "lr": baseline_learning_rate(cfg), "batch_size": cfg.dpo.batch_size,
               "eft": cfg.seeds.eft, "judge_template": judge_hash, "seed": cfg.run.seed}
 
     def make_job(reg: Registry, sid: str) -> tuple[TrainJob, dict]:
-        import random
-
         examples, counts = sft_examples(reg, seeds_sid, judge_text, eft=cfg.seeds.eft, seed=cfg.run.seed)
         order = list(range(len(examples)))
         random.Random(content_hash([sid, cfg.run.seed])).shuffle(order)
