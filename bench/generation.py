@@ -2,6 +2,7 @@
 
     python bench/generation.py             # the demo config's model size: 16 prompts x 4 samples x 64 tokens
     python bench/generation.py --smoke     # tests/tiny.py's size: 4 prompts x 2 samples x 8 tokens
+    python bench/generation.py --model real --threads 2   # SmolLM2-135M-Instruct (the demo's model)
 
 `TransformersBackend.generate` gets all prompts in one call (n samples each), as the generate stage does; the
 baselines call it once per prompt with n samples, and once per sample (one sequence per call, the plain loop).
@@ -15,9 +16,8 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
-from pathlib import Path
 
-from _common import print_table, ratio, seed_pairs, tiny_model
+from _common import model_for, print_table, ratio, seed_pairs
 
 
 def best_rate(fn, repeats: int) -> tuple[float, int]:
@@ -39,6 +39,8 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=None, help="new tokens per sample")
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
+    p.add_argument("--model", default=None, help="'real' (SmolLM2-135M-Instruct) or a model folder; default: a random "
+                                                  "tiny model")
     args = p.parse_args()
     prompts_n = args.prompts or (4 if args.smoke else 16)
     n = args.n or (2 if args.smoke else 4)
@@ -52,7 +54,7 @@ def main() -> None:
     from flywheel.backends import SamplingParams, TransformersBackend
 
     with tempfile.TemporaryDirectory() as tmp:
-        backend = TransformersBackend(str(tiny_model(Path(tmp) / "model", smoke=args.smoke)), "cpu")
+        backend = TransformersBackend(str(model_for(args, tmp)), "cpu")
     prompts, _ = seed_pairs(prompts_n)
     backend.generate(prompts[:2], SamplingParams(n=2, max_new_tokens=tokens), seed=0, chat=True)  # warm-up
     backend.model.generation_config.min_new_tokens = tokens  # fixed lengths: no early end-of-turn
@@ -78,7 +80,7 @@ def main() -> None:
     print_table(
         "Generation: batched vs a per-prompt loop (transformers backend)",
         ["mode", "tokens", "tokens/s", "vs baseline"], rows,
-        [f"model: random tiny Llama, {params:,} parameters, CPU, {torch.get_num_threads()} torch threads; "
+        [f"model: {args.model or 'random tiny Llama'}, {params:,} parameters, CPU, {torch.get_num_threads()} torch threads; "
          f"{tokens} new tokens per sequence (min_new_tokens = max_new_tokens), best of {repeats}",
          "goal: batched >= 5x the one-sequence loop"])
 

@@ -1,6 +1,6 @@
 """Peak memory of each stage: the process's peak RSS while the stage ran, on the demo config in a fresh registry.
 
-    python bench/memory.py               # configs/demo.yaml
+    python bench/memory.py               # configs/tiny.yaml
     python bench/memory.py --smoke       # tests/small.yaml, one short iteration
 
 Runs the real Prefect flow in this process, as `flywheel run` does. At each stage's start the kernel's peak-RSS mark

@@ -1,6 +1,6 @@
 """Orchestration overhead: each iteration's wall time against the time its stages spent computing.
 
-    python bench/overhead.py                      # configs/demo.yaml in a fresh registry (minutes on 2 cores)
+    python bench/overhead.py                      # configs/tiny.yaml in a fresh registry (minutes on 2 cores)
     python bench/overhead.py --smoke              # tests/small.yaml, one short iteration
 
 Runs the real Prefect flow once in this process. `compute_s` is what each stage spent inside model calls (generate,

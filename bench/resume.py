@@ -1,6 +1,6 @@
 """Resume of a finished run: the wall time of running it again, and how many models that loads.
 
-    python bench/resume.py                        # configs/demo.yaml: run it once (the baseline), then again
+    python bench/resume.py                        # configs/tiny.yaml: run it once (the baseline), then again
     python bench/resume.py --registry DIR         # a registry where the run has finished (bench/overhead.py's)
     python bench/resume.py --smoke
 

@@ -2,6 +2,7 @@
 
     backend = make_backend(cfg.generate, model_path, device)     # what stage.backend_for does
     outs = backend.generate(prompts, SamplingParams(n=4), seed=123, chat=True)   # outs[i][j]: Generation
+    probs = backend.choice_probs(prompts, "Score:", ["0", "1"], batch_size=8)   # next-token probs (transformers)
 
 Stages never touch a model's generate() directly. `generate.backend` picks one of:
 
@@ -61,6 +62,14 @@ class GenerationBackend(ABC):
         """For each prompt, `params.n` completions. chat=True wraps each prompt as one user turn of the model's
         chat template; chat=False continues the raw text (few-shot completion)."""
 
+    def choice_probs(
+        self, prompts: list[str], prefix: str, choices: list[str], *, batch_size: int
+    ) -> list[list[float]]:
+        """For each prompt (one user turn, its reply begun with `prefix`), the probability that the reply goes on
+        with each choice (with or without a leading space, summed); raw, not renormalised over the choices."""
+        raise NotImplementedError(f"the {self.name} backend gives no next-token probabilities; judge.mode=prob needs "
+                                  "generate.backend=transformers")
+
     def close(self) -> None:
         """Free what the backend holds (connections, GPU memory); called when the loaded backend is replaced."""
 
@@ -112,6 +121,60 @@ class TransformersBackend(GenerationBackend):
             if i % params.n == 0:
                 results.append([])
             results[-1].append(gen)
+        return results
+
+    def _choice_tokens(self, choices: list[str]) -> tuple[list[list[int]], list[int | None], int | None]:
+        """How the reply can continue with each choice, with or without a leading space: (per choice, the distinct
+        ids of the single tokens that begin it, such as "3" and " 3"; per choice, the id that follows a bare space
+        token where the tokenizer writes " 3" as " " + "3", else None; that space token's id, or None if unused)."""
+        tok = self.tokenizer
+        space = tok.encode(" ", add_special_tokens=False)
+        space = space[0] if len(space) == 1 else None
+        direct, after_space = [], []
+        for choice in choices:
+            word, ids, split = choice.strip(), [], None
+            for variant in (word, " " + word):
+                enc = tok.encode(variant, add_special_tokens=False)
+                if enc and tok.decode(enc[:1]).strip() == word:
+                    if enc[0] not in ids:
+                        ids.append(enc[0])
+                elif len(enc) > 1 and enc[0] == space and tok.decode(enc[1:2]).strip() == word:
+                    split = enc[1]
+            if not ids and split is None:
+                raise ValueError(f"choice {choice!r} does not begin with a token of its own in this tokenizer")
+            direct.append(ids)
+            after_space.append(split)
+        return direct, after_space, space if any(i is not None for i in after_space) else None
+
+    @torch.inference_mode()
+    def choice_probs(self, prompts, prefix, choices, *, batch_size):
+        """One forward pass per batch. p(choice) = p(its single tokens | prefix), plus, where the tokenizer writes
+        " 3" as a space token then "3", p(space | prefix) * p("3" | prefix + space): the space token is appended to
+        every input, so both come from the same pass (its last two positions)."""
+        tok = self.tokenizer
+        direct, after_space, space = self._choice_tokens(choices)
+        flat = torch.tensor([i for ids in direct for i in ids], dtype=torch.long, device=self.device)
+        owner = torch.tensor([c for c, ids in enumerate(direct) for _ in ids], dtype=torch.long, device=self.device)
+        split = [c for c, i in enumerate(after_space) if i is not None]
+        split_ids = torch.tensor([after_space[c] for c in split], dtype=torch.long, device=self.device)
+        tail = [space] if space is not None else []
+        results: list[list[float]] = []
+        for start in range(0, len(prompts), batch_size):
+            rows = [tok(self._format(p, chat=True) + prefix, add_special_tokens=False)["input_ids"] + tail
+                    for p in prompts[start : start + batch_size]]
+            width = max(len(r) for r in rows)  # padded on the left here, so the last positions are real tokens
+            ids = torch.tensor([[tok.pad_token_id] * (width - len(r)) + r for r in rows], device=self.device)
+            mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.device)
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate does: padding takes no position
+            with timing.compute():
+                logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                    logits_to_keep=1 + len(tail)).logits.float()
+                first = torch.softmax(logits[:, 0], dim=-1)  # the next token after the prefix, over the vocabulary
+                probs = torch.zeros(len(rows), len(choices), device=self.device).index_add_(1, owner, first[:, flat])
+                if split:
+                    after = torch.softmax(logits[:, 1], dim=-1)  # the next token after prefix + space
+                    probs[:, split] += first[:, space, None] * after[:, split_ids]
+                results += probs.cpu().tolist()
         return results
 
 

@@ -12,6 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 from .backends import release_backends
+from .bases import convert_gguf, resolve_base
 from .config import FlywheelConfig, content_hash
 from .models import build_tiny_model, build_tokenizer, load, resolve_device, save_atomically
 from .registry import Registry, now
@@ -82,22 +83,26 @@ def ranked_from_registry(reg: Registry, seeds_sid: str) -> list[RankedPrompt]:
 
 def build_base(cfg: FlywheelConfig, run_id: str, seeds_sid: str) -> StageResult:
     """The PT model. 'tiny': a tokenizer and a small Llama trained from scratch on the seed corpus (plus the
-    unlabeled text of `model.tiny.corpus`, if set); otherwise the
-    user's model (a path or hub id) is registered as it is, and loaded with from_pretrained when used."""
+    unlabeled text of `model.tiny.corpus`, if set). A GGUF file (or a built-in name for one) is converted once into
+    the registry. A model folder or hub id is registered as it is, and loaded with from_pretrained when used. A real
+    base is keyed by the sha256 of its weights (flywheel/bases.py), never by its path."""
     device = resolve_device(cfg.run.device)
+    spec = resolve_base(cfg.model.base)
     with Registry(cfg.registry.root) as reg:
         templates = [load_template(reg, cfg.judge.template, "judge")[0],
                      load_template(reg, cfg.self_instruct.template, "self_instruct")[0]]
-    tiny = cfg.model.base == "tiny"
+    tiny = spec.kind == "tiny"
     extra = read_corpus(cfg.model.tiny.corpus) if tiny and cfg.model.tiny.corpus else []
     inputs = {"base": cfg.model.base, "tiny": cfg.model.tiny.model_dump(mode="json", exclude={"corpus"}) if tiny else None,
               "seeds": seeds_sid, "templates": templates, "seed": cfg.run.seed}
+    if not tiny:  # the weights decide the model; the seeds and templates only train a tiny one
+        inputs = {"base": spec.key()}
     if extra:
         inputs["corpus"] = content_hash(extra)  # the text, not the path, decides the model
 
     def work(reg: Registry, sid: str) -> dict:
         metrics: dict = {}
-        path = cfg.model.base
+        path = cfg.model.base if spec.path is None else str(spec.path)
         if tiny:
             t = cfg.model.tiny
             corpus = pretrain_corpus(seeds_from_registry(reg, seeds_sid), templates, cfg.run.seed) + extra
@@ -110,6 +115,11 @@ def build_base(cfg: FlywheelConfig, run_id: str, seeds_sid: str) -> StageResult:
             path = reg.model_dir(sid)
             save_atomically(model, tokenizer, path)
             metrics["parameters"] = sum(p.numel() for p in model.parameters())
+        elif spec.kind == "gguf":
+            path = reg.model_dir(sid)
+            metrics = convert_gguf(spec.path, path)
+        if spec.sha256:
+            metrics["weights_sha256"] = spec.sha256
         reg.register_model(model_id=sid, run_id=run_id, name="PT", kind="base", iteration=0, parent_id=None,
                            path=str(path), stage_run_id=sid, config_hash=cfg.config_hash(), metrics=metrics)
         return {"model_id": sid, "path": str(path), **metrics}
@@ -128,7 +138,8 @@ def read_corpus(path) -> list[str]:
     return docs
 
 
-def sft_examples(reg: Registry, seeds_sid: str, judge_template: str, *, eft: bool, seed: int) -> tuple[list, dict]:
+def sft_examples(reg: Registry, seeds_sid: str, judge_template: str, *, eft: bool, seed: int,
+                 verdict_only: bool = False) -> tuple[list, dict]:
     """M1's SFT rows: IFT from the seed answers, plus (if `eft`) EFT from the import's human rankings when it has
     any, else the synthetic 5/2/0 examples. Returns (rows, counts for the stage's stats)."""
     seeds = seeds_from_registry(reg, seeds_sid)
@@ -137,9 +148,10 @@ def sft_examples(reg: Registry, seeds_sid: str, judge_template: str, *, eft: boo
     if eft:
         ranked = [p for p in ranked_from_registry(reg, seeds_sid) if p.ranked_replies()]
         if ranked:
-            rows, counts["eft_source"] = eft_from_rankings(ranked, judge_template, seed), "human_rankings"
+            rows = eft_from_rankings(ranked, judge_template, seed, verdict_only=verdict_only)
+            counts["eft_source"] = "human_rankings"
         else:
-            rows, counts["eft_source"] = eft_examples(seeds, judge_template, seed), "synthetic"
+            rows, counts["eft_source"] = eft_examples(seeds, judge_template, seed, verdict_only), "synthetic"
         examples += rows
         counts["eft"] = len(rows)
         scores = Counter(parse_score(r["completion"]).score for r in rows)
@@ -152,16 +164,25 @@ def train_sft(cfg: FlywheelConfig, run_id: str, base_id: str, seeds_sid: str) ->
     device = resolve_device(cfg.run.device)
     with Registry(cfg.registry.root) as reg:
         judge_text, judge_hash = load_template(reg, cfg.judge.template, "judge")
-    inputs = {"base": base_id, "seeds": seeds_sid, "sft": cfg.sft.model_dump(), "eft": cfg.seeds.eft,
+    lora = cfg.sft.lora.model_copy(update={"enabled": cfg.sft.lora.on(device, cfg.scratch)})  # 'auto' decided
+    inputs = {"base": base_id, "seeds": seeds_sid, "sft": cfg.sft.model_dump(exclude={"lora"}), "eft": cfg.seeds.eft,
               "judge_template": judge_hash, "seed": cfg.run.seed}
+    if lora.enabled:
+        inputs["lora"] = lora.model_dump(mode="json")
+    verdict_only = cfg.judge.mode == "prob"  # the probability judge reads the score right after 'Score:'
+    if verdict_only:
+        inputs["eft_target"] = "verdict_only"
 
     def work(reg: Registry, sid: str) -> dict:
-        examples, counts = sft_examples(reg, seeds_sid, judge_text, eft=cfg.seeds.eft, seed=cfg.run.seed)
+        examples, counts = sft_examples(reg, seeds_sid, judge_text, eft=cfg.seeds.eft, seed=cfg.run.seed,
+                                        verdict_only=verdict_only)
         release_backends()
         model, tokenizer = load(reg.model(base_id)["path"], device)
         s = cfg.sft
         metrics = sft_train(model, tokenizer, examples, epochs=s.epochs, lr=s.learning_rate, batch_size=s.batch_size,
-                            max_length=s.max_length, device=device, seed=cfg.run.seed)
+                            max_length=s.max_length, device=device, seed=cfg.run.seed, lora=lora,
+                            micro_batch_size=s.micro_batch_size)
+        metrics["lora"] = lora.enabled
         save_atomically(model, tokenizer, reg.model_dir(sid))
         reg.register_model(model_id=sid, run_id=run_id, name="M1", kind="sft", iteration=0, parent_id=base_id,
                            path=str(reg.model_dir(sid)), stage_run_id=sid, config_hash=cfg.config_hash(),

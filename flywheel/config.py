@@ -28,12 +28,21 @@ class ConfigError(ValueError):
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
+    @model_validator(mode="after")
+    def _micro_divides(self):
+        micro, batch = getattr(self, "micro_batch_size", None), getattr(self, "batch_size", None)
+        if micro and batch % micro:
+            raise ValueError(f"micro_batch_size ({micro}) must divide batch_size ({batch})")
+        return self
+
 
 class RunConfig(_Section):
     name: str = Field("flywheel", pattern=r"^[A-Za-z0-9_.-]+$")
     iterations: int = Field(2, ge=1, description="DPO iterations after M1: 2 gives M1 -> M2 -> M3.")
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int | None = Field(None, ge=1, description="Torch CPU threads; default: OMP_NUM_THREADS if set, else "
+                                "the machine's cores. Does not change the run id.")
 
 
 class RegistryConfig(_Section):
@@ -66,8 +75,24 @@ class TinyModelConfig(_Section):
 
 
 class ModelConfig(_Section):
-    base: str = Field("tiny", description="'tiny' builds a model locally; otherwise a local path or hub id.")
+    base: str = Field("tiny", description="'tiny' builds a model locally; a built-in name (`smollm2-135m-instruct`, "
+                      "from an installed package); a .gguf file (converted once into the registry); a local "
+                      "model folder; or a hub id. See flywheel/bases.py.")
     tiny: TinyModelConfig = TinyModelConfig()
+
+
+class LoraConfig(_Section):
+    enabled: bool | Literal["auto"] = Field(
+        "auto", description="Train LoRA adapters (peft), merged into the weights on save. 'auto': on for a real "
+                            "(pretrained) base on CPU, off on GPU and for the tiny scratch model.")
+    r: int = Field(8, ge=1)
+    alpha: int = Field(16, ge=1)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | str = "all-linear"
+
+    def on(self, device: str, scratch: bool) -> bool:
+        """Whether LoRA trains here: `enabled`, with 'auto' = a real base on CPU (`device` already resolved)."""
+        return device == "cpu" and not scratch if self.enabled == "auto" else bool(self.enabled)
 
 
 SeedFormat = Literal["auto", "flywheel", "oasst", "self_instruct", "alpaca", "chat"]
@@ -85,6 +110,9 @@ class SFTConfig(_Section):
     epochs: float = Field(3.0, gt=0)
     learning_rate: float = Field(5.5e-6, gt=0)
     batch_size: int = Field(16, ge=1)
+    micro_batch_size: int | None = Field(None, ge=1, description="Sequences per forward pass, accumulated to "
+                                         "batch_size per step (a divisor of it): less activation memory, same "
+                                         "steps. Default: batch_size.")
     max_length: int = Field(1024, ge=16)
     baseline_examples: int | None = Field(
         None, ge=1, description="train.trainer 'sft' (the plain-SFT baseline): seed examples trained on per iteration; "
@@ -93,10 +121,16 @@ class SFTConfig(_Section):
     baseline_learning_rate: float | None = Field(
         None, gt=0, description="train.trainer 'sft': its learning rate; default dpo.learning_rate, the rate the "
                                 "iterations it stands in for train at.")
+    lora: LoraConfig = LoraConfig()
 
 
 class SelfInstructConfig(_Section):
+    mode: Literal["auto", "chat", "completion"] = Field(
+        "auto", description="'completion': the model continues a few-shot list (`template`), for base models; "
+                            "'chat': the few-shot list goes in one user turn (`chat_template`), for instruct models. "
+                            "'auto': completion for the tiny scratch model, chat for a real base.")
     template: Path = Path("prompts/self_instruct.txt")
+    chat_template: Path = Path("prompts/self_instruct_chat.txt")
     num_prompts: int = Field(64, ge=1, description="Prompts to attempt per iteration (before filtering).")
     few_shot: int = Field(8, ge=1)
     temperature: float = Field(0.6, ge=0)
@@ -152,6 +186,10 @@ class GenerateConfig(SamplingSection):
 
 class JudgeConfig(SamplingSection):
     template: Path = Path("prompts/judge.txt")
+    mode: Literal["sample", "prob"] = Field(
+        "sample", description="'sample': the paper's way, `samples` sampled verdicts parsed and averaged. 'prob': one "
+                              "forward pass per candidate, the expected score over 0-5 from the next-token "
+                              "probabilities after 'Score:' (transformers backend).")
     samples: int = Field(3, ge=1, description="Judge samples per candidate, averaged (paper: 3).")
 
 
@@ -204,14 +242,6 @@ class PairsConfig(_Section):
         return per_iteration(self.rho, iteration)
 
 
-class LoraConfig(_Section):
-    enabled: bool = False
-    r: int = Field(8, ge=1)
-    alpha: int = Field(16, ge=1)
-    dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: list[str] | str = "all-linear"
-
-
 class DPOConfig(_Section):
     """DPO through TRL (paper: beta 0.1, lr 1e-6 -> 1e-7, batch 16, dropout 0.1)."""
 
@@ -220,6 +250,9 @@ class DPOConfig(_Section):
     min_lr_ratio: float = Field(0.1, gt=0, le=1, description="The learning rate decays (cosine) to this fraction.")
     epochs: float = Field(1.0, gt=0)
     batch_size: int = Field(16, ge=1)
+    micro_batch_size: int | None = Field(None, ge=1, description="Pairs per forward pass, accumulated to "
+                                         "batch_size per step (a divisor of it): less activation memory, same "
+                                         "steps. Default: batch_size.")
     max_length: int = Field(1024, ge=16)
     dropout: float = Field(0.1, ge=0, lt=1)
     reference: Literal["previous", "m1"] = Field(
@@ -227,6 +260,13 @@ class DPOConfig(_Section):
     nll_weight: float = Field(0.0, ge=0, description="Add this weight x the chosen response's NLL to the DPO loss "
                               "(Iterative RPO; 1.0 in that paper). 0 is plain DPO, as Self-Rewarding LMs.")
     lora: LoraConfig = LoraConfig()
+    precompute_ref_log_probs: bool | Literal["auto"] = Field(
+        "auto", description="Compute the reference model's log-probs once per dataset before training (TRL), so no "
+                            "second model stays resident. 'auto': on for a real base, off for the tiny scratch model.")
+
+    def precompute(self, scratch: bool) -> bool:
+        """Whether the reference log-probs are precomputed, 'auto' decided."""
+        return not scratch if self.precompute_ref_log_probs == "auto" else self.precompute_ref_log_probs
 
 
 class PPOConfig(_Section):
@@ -323,6 +363,11 @@ class FlywheelConfig(_Section):
         if not any(self.reward.weights.values()):
             raise ValueError("reward.weights: at least one signal needs a non-zero weight")
         return self
+
+    @property
+    def scratch(self) -> bool:
+        """The base is the tiny model built from scratch here (not a pretrained one)."""
+        return self.model.base == "tiny"
 
     def config_hash(self) -> str:
         return content_hash(self.model_dump(mode="json"))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from .config import FlywheelConfig
 from .datasets import read_version, stage_version
+from .models import resolve_device
 from .registry import Registry
 from .stage import StageResult
 from .launch import TrainJob
@@ -25,6 +26,17 @@ class NoPairsError(RuntimeError):
     pass
 
 
+def dpo_key(cfg: FlywheelConfig) -> dict:
+    """The `dpo` section as it decides the model: LoRA's 'auto' resolved for this device (CPU and GPU train
+    differently), and the reference log-probs' precompute named only when on."""
+    c = cfg.dpo
+    key = c.model_dump(mode="json", exclude={"precompute_ref_log_probs"})
+    key["lora"]["enabled"] = c.lora.on(resolve_device(cfg.run.device), cfg.scratch)
+    if c.precompute(cfg.scratch):
+        key["precompute_ref_log_probs"] = True
+    return key
+
+
 def train_dpo(cfg: FlywheelConfig, run_id: str, iteration: int, model_id: str, pairs: StageResult,
               m1_id: str | None = None) -> StageResult:
     """`pairs` is the pairs stage's result: its id and the hash of the snapshot it froze. `m1_id` is needed when
@@ -33,7 +45,7 @@ def train_dpo(cfg: FlywheelConfig, run_id: str, iteration: int, model_id: str, p
     if c.reference == "m1" and not m1_id:
         raise ValueError("dpo.reference is 'm1' but train_dpo was not given m1_id")
     ref_model_id = m1_id if c.reference == "m1" else model_id
-    inputs = {"model": model_id, "pairs": pairs.stage_run_id, "cfg": c.model_dump(mode="json"), "seed": cfg.run.seed,
+    inputs = {"model": model_id, "pairs": pairs.stage_run_id, "cfg": dpo_key(cfg), "seed": cfg.run.seed,
               "ref": ref_model_id}
 
     def make_job(reg: Registry, sid: str) -> tuple[TrainJob, dict]:

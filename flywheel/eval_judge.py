@@ -6,9 +6,10 @@ human-ranked Open Assistant replies; ../shared/METHOD.md).
     report = agreement(by_prompt(replies))                        # pure: {prompt: [(human_rank, judge_score), ...]}
 
 `flywheel eval judge` (flywheel/commands/eval.py) runs both and prints the report. Definitions:
-- A reply's judge score is the mean of its `judge.samples` parsed verdicts (`score_parser.parse_score`). A reply
-  with no valid verdict is *unscored*: left out of every metric and counted, never scored 0. A reply with no human
-  rank is *unranked*: not judged, counted.
+- A reply's judge score is the mean of its `judge.samples` parsed verdicts (`score_parser.parse_score`); with
+  `judge.mode: prob`, the expected score from one forward pass (`judge.prob_verdict`, one "sample" per reply). A reply
+  with no valid verdict (or too little probability on "0".."5": `low_prob_mass`) is *unscored*: left out of every
+  metric and counted, never scored 0. A reply with no human rank is *unranked*: not judged, counted.
 - Pairwise accuracy: over all pairs of scored replies to the same prompt that humans ranked differently (rank 0 is
   best), the share the judge orders the same way. Pairs the judge scores equally are *judge ties*, reported
   separately: `pairwise_accuracy` leaves them out (agree / (agree + disagree)), and `pairwise_accuracy_ties_as_wrong`
@@ -128,13 +129,16 @@ def by_prompt(replies: list[JudgedReply]) -> dict[str, list[tuple[int | None, fl
 def judge_ranked(cfg: FlywheelConfig, ranked: list[RankedPrompt], model_path: str | Path,
                  device: str | None = None) -> list[JudgedReply]:
     """The model at `model_path` judges every ranked reply: `cfg.judge.template` filled with the instruction and the
-    reply, `cfg.judge.samples` samples through the configured backend (`cfg.generate`), parsed and averaged.
-    Unranked replies are listed with no score and not judged."""
+    reply, `cfg.judge.samples` samples through the configured backend (`cfg.generate`), parsed and averaged; in
+    `judge.mode: prob`, one forward pass and the expected score. Unranked replies are listed with no score and not
+    judged."""
     from .backends import SamplingParams, make_backend
+    from .judge import PROB_PREFIX, SCORE_CHOICES, check_judge, prob_verdict
     from .models import resolve_device
     from .progress import progress
     from .score_parser import parse_score
 
+    check_judge(cfg)
     c = cfg.judge
     if not Path(c.template).is_file():
         raise ConfigError(f"judge.template: template file not found: {c.template}")
@@ -152,6 +156,14 @@ def judge_ranked(cfg: FlywheelConfig, ranked: list[RankedPrompt], model_path: st
     params = SamplingParams(n=c.samples, temperature=c.temperature, top_p=c.top_p, max_new_tokens=c.max_new_tokens)
     batches = [todo[i : i + c.batch_size] for i in range(0, len(todo), c.batch_size)]
     for b, batch in enumerate(progress(batches, "judging ranked replies")):
+        if c.mode == "prob":
+            probs = backend.choice_probs([text for _, text in batch], PROB_PREFIX, SCORE_CHOICES,
+                                         batch_size=c.batch_size)
+            for (reply, _), p in zip(batch, probs):
+                reply.score, _, error = prob_verdict(p)
+                reply.sample_scores = [reply.score]
+                reply.errors = [error] if error else []
+            continue
         seed = int(content_hash(["eval-judge", b, cfg.run.seed], 8), 16)
         gens = backend.generate([text for _, text in batch], params, seed=seed, chat=True)
         for (reply, _), samples in zip(batch, gens):

@@ -3,19 +3,57 @@
 Every sample is stored with its raw text. The score is parsed from the judge's own words (`score_parser`); a sample
 with no valid verdict is stored with score NULL and the reason, counted in the stage's stats, and left out of the
 candidate's average. A candidate with no valid sample gets no average and so takes no part in a pair.
+
+With `judge.mode: prob` (transformers backend) each candidate gets one row instead: one forward pass with the reply
+begun as "Score:", and the expected score over the probabilities of "0".."5" coming next (`prob_verdict`; a digit
+after a space token counts too, see `TransformersBackend.choice_probs`). Its raw text is those probabilities,
+renormalised, and their raw mass; when the mass is under MIN_PROB_MASS the model was not about to write a score at
+all, and the row is a parse failure ("low_prob_mass") like any other.
 """
 
 from __future__ import annotations
 
+import json
+
 from .backends import SamplingParams
-from .config import FlywheelConfig, content_hash
+from .config import ConfigError, FlywheelConfig, content_hash
 from .registry import Registry, now
 from .score_parser import parse_score
 from .stage import StageResult, backend_for, batch_seed, load_template, pending_batches, run_stage
 
 
+PROB_PREFIX = "Score:"  # the reply's start in prob mode; the next token is the verdict
+SCORE_CHOICES = [str(i) for i in range(6)]
+MIN_PROB_MASS = 0.05  # below this much probability on "0".."5" after "Score:", the row has no score
+
+
+def check_judge(cfg: FlywheelConfig) -> None:
+    """Fail before a run starts when the judge mode cannot run on the configured backend; loads nothing."""
+    if cfg.judge.mode == "prob" and cfg.generate.backend != "transformers":
+        raise ConfigError(f"judge.mode=prob needs next-token probabilities, which only generate.backend=transformers "
+                          f"gives (got {cfg.generate.backend}): set generate.backend=transformers, or "
+                          "judge.mode=sample")
+
+
+def prob_verdict(probs: list[float]) -> tuple[float | None, str, str | None]:
+    """(score, raw_text, parse_error) from the raw next-token probabilities of "0".."5": the expected score
+    sum_i p_i * i / sum_i p_i, and a compact JSON of the renormalised probabilities and their raw mass. Under
+    MIN_PROB_MASS: no score, error "low_prob_mass"."""
+    if len(probs) != len(SCORE_CHOICES):
+        raise ValueError(f"expected {len(SCORE_CHOICES)} probabilities (scores 0-5), got {len(probs)}")
+    mass = sum(probs)
+    shares = [p / mass for p in probs] if mass > 0 else [0.0] * len(probs)
+    raw = json.dumps({"probs": [round(p, 6) for p in shares], "mass": round(mass, 6)}, separators=(",", ":"))
+    if mass < MIN_PROB_MASS:
+        return None, raw, "low_prob_mass"
+    return sum(i * p for i, p in enumerate(probs)) / mass, raw, None
+
+
 def judge(cfg: FlywheelConfig, run_id: str, iteration: int, model_id: str, candidates_sid: str) -> StageResult:
+    check_judge(cfg)
     c = cfg.judge
+    prob = c.mode == "prob"
+    per_candidate = 1 if prob else c.samples  # rows per candidate
     with Registry(cfg.registry.root) as reg:
         template, template_hash = load_template(reg, c.template, "judge")
     inputs = {"model": model_id, "candidates": candidates_sid, "cfg": c.model_dump(mode="json"),
@@ -26,15 +64,26 @@ def judge(cfg: FlywheelConfig, run_id: str, iteration: int, model_id: str, candi
             "SELECT c.candidate_id, p.text AS instruction, c.text AS response FROM candidates c "
             "JOIN prompts p USING (prompt_id) WHERE c.stage_run_id = ? ORDER BY c.candidate_id", [candidates_sid])
         params = SamplingParams(n=c.samples, temperature=c.temperature, top_p=c.top_p, max_new_tokens=c.max_new_tokens)
-        common = dict(judge_model_id=model_id, template_hash=template_hash, sampling=params.as_dict(), run_id=run_id,
+        sampling = {"mode": "prob", "prefix": PROB_PREFIX, "choices": SCORE_CHOICES} if prob else params.as_dict()
+        common = dict(judge_model_id=model_id, template_hash=template_hash, sampling=sampling, run_id=run_id,
                       iteration=iteration, stage_run_id=sid, config_hash=cfg.config_hash())
 
         def ids_of(batch: list) -> list[str]:
-            return [f"j-{content_hash([sid, x['candidate_id'], k])}" for x in batch for k in range(c.samples)]
+            return [f"j-{content_hash([sid, x['candidate_id'], k])}" for x in batch for k in range(per_candidate)]
 
         for b, batch, ids in pending_batches(reg, "judge", "judgments", "judgment_id", cands, c.batch_size, ids_of,
                                              f"judge (iteration {iteration})"):
             texts = [template.format(instruction=x["instruction"], response=x["response"]) for x in batch]
+            if prob:
+                probs = backend_for(cfg, reg, model_id).choice_probs(texts, PROB_PREFIX, SCORE_CHOICES,
+                                                                     batch_size=c.batch_size)
+                rows = []
+                for jid, x, p in zip(ids, batch, probs):
+                    score, raw, error = prob_verdict(p)
+                    rows.append(dict(judgment_id=jid, candidate_id=x["candidate_id"], sample_index=0, raw_text=raw,
+                                     score=score, parse_error=error, created_at=now(), **common))
+                reg.insert("judgments", rows)
+                continue
             outs = backend_for(cfg, reg, model_id).generate(texts, params, seed=batch_seed(sid, b, cfg.run.seed),
                                                             chat=True)
             samples = [(x, k, g) for x, gens in zip(batch, outs) for k, g in enumerate(gens)]

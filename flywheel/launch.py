@@ -114,7 +114,7 @@ def accelerate_command(cfg: FlywheelConfig, stage: str, args: list[str]) -> list
         cmd += ["--cpu", "--num_cpu_threads_per_process", str(torch.get_num_threads())]
     if launch.deepspeed_config:
         zero = deepspeed_stage(launch.deepspeed_config)
-        if stage == "dpo" and cfg.dpo.lora.enabled and zero == 3:
+        if stage == "dpo" and cfg.dpo.lora.on("cuda", cfg.scratch) and zero == 3:
             raise ConfigError("dpo.lora.enabled with a ZeRO-3 train.launch.deepspeed_config: the adapters are merged "
                               "on one process before saving, which needs whole weights; use ZeRO-2 (zero2.json)")
         cmd += ["--use_deepspeed", "--deepspeed_config_file", str(launch.deepspeed_config)]

@@ -28,6 +28,15 @@ CHAT_TEMPLATE = (
 )
 
 
+def apply_threads(threads: int | None) -> int:
+    """Set torch's CPU threads (`run.threads`): the given number, else OMP_NUM_THREADS when set, else the machine's
+    cores. Returns the number in force."""
+    n = threads or int(os.environ.get("OMP_NUM_THREADS") or 0) or os.cpu_count() or 1
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return n
+
+
 def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"

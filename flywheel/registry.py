@@ -102,7 +102,7 @@ CREATE TABLE IF NOT EXISTS prompts (
     few_shot_ids  VARCHAR[],                   -- prompts shown to the model that wrote this one
     kept          BOOLEAN NOT NULL,
     drop_reason   VARCHAR,                     -- empty | too_short | too_long | banned_keyword | not_instruction
-                                               -- | duplicate | near_duplicate
+                                               -- | not_a_task | echo | duplicate | near_duplicate
     model_id      VARCHAR,
     stage_run_id  VARCHAR NOT NULL,
     config_hash   VARCHAR NOT NULL,

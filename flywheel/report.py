@@ -12,8 +12,10 @@ scores and the raw sample scores as histograms; mean response length in tokens a
 candidates' words; pairs, their score margins (in the units pairs were chosen by: judge points, or a weighted sum of
 z-scores when several signals are weighted) and the share whose chosen is the longer; the Spearman agreement of
 the judge with the coherent reward (None without one) and with itself (its first two valid samples); rule rewards;
-the trained model's metrics; and `delta`, the change of the main figures since the previous iteration.
-The `flywheel.monitors` checks are evaluated on these figures. Nothing here loads a model.
+the trained model's metrics; `delta`, the change of the main figures since the previous iteration; and `examples`,
+three of the iteration's pairs (largest, median and smallest margin) with their texts, the judge's mean score and one
+judge sample's raw text per side, and the pair's other signals (`example_pairs`): cut short on the terminal, in full
+in report.md and report.json. The `flywheel.monitors` checks are evaluated on these figures. Nothing here loads a model.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from . import summary
 from .monitors import Check, MonitorsConfig, evaluate, fired
@@ -50,6 +53,43 @@ MAIN = [
 SCORE_BINS = [i / 2 for i in range(11)]  # 0, 0.5, ..., 5: the histogram of candidates' mean scores
 DISTINCT_BUDGET = 20_000  # n-grams counted per iteration, so iterations of different sizes compare
 _WORD = re.compile(r"\w+")
+CLIP = 300  # characters of each text the terminal shows of an example pair (report.md and report.json: all)
+
+# The example pairs of a pairs stage run: with its pairs ordered by (margin, pair_id), positions n (largest margin),
+# (n - 1) // 2 + 1 (median) and 1 (smallest), each once; with the texts and, per side, the judge's mean over the valid
+# samples of the judge stage run and the raw text of its first valid sample (else of its first sample).
+EXAMPLES_SQL = """
+WITH picked AS (
+    SELECT * FROM (
+        SELECT *, chosen_score - rejected_score AS margin,
+               row_number() OVER (ORDER BY chosen_score - rejected_score, pair_id) AS pos, count(*) OVER () AS n
+        FROM pairs WHERE stage_run_id = $pairs_sid)
+    WHERE pos IN (1, (n - 1) // 2 + 1, n)
+), judged AS (
+    SELECT candidate_id, avg(score) AS mean, count(score) AS valid, count(*) AS samples,
+           coalesce(arg_min({'raw': raw_text, 'i': sample_index, 's': score}, sample_index)
+                        FILTER (WHERE score IS NOT NULL),
+                    arg_min({'raw': raw_text, 'i': sample_index, 's': score}, sample_index)) AS pick
+    FROM judgments
+    WHERE stage_run_id = $judge_sid
+      AND candidate_id IN (SELECT chosen_id FROM picked UNION ALL SELECT rejected_id FROM picked)
+    GROUP BY candidate_id
+)
+SELECT pr.pair_id, pr.prompt_id, pr.margin, pr.pos, pr.n, pr.signals, p.text AS prompt,
+       pr.chosen_id AS ch_id, ch.text AS ch_text, ch.num_tokens AS ch_tokens, pr.chosen_score AS ch_score,
+       jc.mean AS ch_mean, jc.valid AS ch_valid, jc.samples AS ch_samples, jc.pick.raw AS ch_rationale,
+       jc.pick.i AS ch_sample, jc.pick.s AS ch_sample_score,
+       pr.rejected_id AS rj_id, rj.text AS rj_text, rj.num_tokens AS rj_tokens, pr.rejected_score AS rj_score,
+       jr.mean AS rj_mean, jr.valid AS rj_valid, jr.samples AS rj_samples, jr.pick.raw AS rj_rationale,
+       jr.pick.i AS rj_sample, jr.pick.s AS rj_sample_score
+FROM picked pr
+JOIN prompts p ON p.prompt_id = pr.prompt_id
+JOIN candidates ch ON ch.candidate_id = pr.chosen_id
+JOIN candidates rj ON rj.candidate_id = pr.rejected_id
+LEFT JOIN judged jc ON jc.candidate_id = pr.chosen_id
+LEFT JOIN judged jr ON jr.candidate_id = pr.rejected_id
+ORDER BY pr.pos DESC
+"""
 
 
 # --- collecting -----------------------------------------------------------------------------------------------------
@@ -202,6 +242,32 @@ def _pairs(reg: Registry, sid: str | None) -> dict:
             "equal_length_pairs": sum(p["chosen_tokens"] == p["rejected_tokens"] for p in rows)}
 
 
+def example_pairs(reg: Registry, pairs_sid: str | None, judge_sid: str | None) -> list[dict]:
+    """Up to three of the iteration's pairs, as a reader's sample of what it trained on: with the pairs ordered by
+    (margin, pair_id), the last (largest margin), the middle ((n - 1) // 2) and the first (smallest), each once.
+    Each with its prompt, the chosen and rejected texts and, per side, the pair's score, the judge's mean over the
+    valid samples, one sample's raw text (the first valid one, else the first: a justification ending in "Score: N",
+    or the probabilities' JSON in prob mode; None when the judge did not run) and the pair's other signals."""
+    rows = reg.rows(EXAMPLES_SQL, {"pairs_sid": pairs_sid, "judge_sid": judge_sid})
+    examples = []
+    for r in rows:
+        signals = json.loads(r["signals"] or "{}")
+        role = ("only pair" if r["n"] == 1 else "largest margin" if r["pos"] == r["n"]
+                else "smallest margin" if r["pos"] == 1 else "median margin")
+        sides = {}
+        for side, key in (("chosen", "ch"), ("rejected", "rj")):
+            sides[side] = {
+                "candidate_id": r[f"{key}_id"], "text": r[f"{key}_text"], "tokens": r[f"{key}_tokens"],
+                "score": r[f"{key}_score"], "judge_mean": r[f"{key}_mean"], "judge_valid": r[f"{key}_valid"],
+                "judge_samples": r[f"{key}_samples"], "rationale": r[f"{key}_rationale"],
+                "rationale_sample": r[f"{key}_sample"], "rationale_score": r[f"{key}_sample_score"],
+                "signals": {k: v for k, v in (signals.get(side) or {}).items() if k != "judge"}}
+        examples.append({"role": role, "pair_id": r["pair_id"], "margin": r["margin"], "prompt_id": r["prompt_id"],
+                         "prompt": r["prompt"], "judged": judge_sid is not None, "weights": signals.get("weights"),
+                         "rho": signals.get("rho"), **sides})
+    return examples
+
+
 def _models(reg: Registry, run_id: str, t: int, sids: dict[str, str]) -> dict:
     """The model the iteration started from, and the one its trainer made (with its numeric metrics)."""
     row = reg.rows("SELECT model_in, status FROM iterations WHERE run_id = ? AND iteration = ?", [run_id, t])
@@ -219,7 +285,8 @@ def _iteration(reg: Registry, run_id: str, t: int, sids: dict[str, str]) -> dict
     judge, means = _judge(reg, sids.get("judge"))
     return {"iteration": t, "stages": sorted(sids), **_models(reg, run_id, t, sids),
             **_prompts(reg, sids.get("self_instruct")), **_candidates(reg, sids.get("generate")), **judge,
-            **_rewards(reg, run_id, t, sids.get("generate"), means), **_pairs(reg, sids.get("pairs"))}
+            **_rewards(reg, run_id, t, sids.get("generate"), means), **_pairs(reg, sids.get("pairs")),
+            "examples": example_pairs(reg, sids.get("pairs"), sids.get("judge"))}
 
 
 def collect(reg: Registry, run_id: str) -> list[dict]:
@@ -286,6 +353,94 @@ def detail_lines(it: dict) -> list[str]:
     return lines
 
 
+def _clip(text: str | None, limit: int = CLIP) -> str:
+    """`text` on one line (runs of white space as one space), cut to `limit` characters with an ellipsis."""
+    flat = " ".join((text or "").split())
+    return flat if len(flat) <= limit else flat[: limit - 1].rstrip() + "…"
+
+
+def _signals(values: dict) -> str:
+    return ", ".join(f"{k} {_fmt(v, '{:.4g}') if isinstance(v, (int, float)) else v}" for k, v in values.items())
+
+
+def side_line(ex: dict, side: str) -> str:
+    """What scored one side of an example pair: the judge's mean, the other signals, and the pair's score when it is
+    not the judge's mean (several signals weighted, or no judge)."""
+    s = ex[side]
+    parts = []
+    if ex["judged"]:
+        parts.append(f"judge mean {_fmt(s['judge_mean'], '{:.2f}')} over {s['judge_valid'] or 0} valid of "
+                     f"{s['judge_samples'] or 0} samples")
+    if s["signals"]:
+        parts.append(_signals(s["signals"]))
+    if s["judge_mean"] is None or abs(s["score"] - s["judge_mean"]) > 1e-9:
+        parts.append(f"pair score {_fmt(s['score'], '{:.3g}')}")
+    return "; ".join(parts)
+
+
+def _role(ex: dict) -> str:
+    """'largest margin 4.00', or 'only pair, margin 4.00'."""
+    return f"{ex['role']}{'' if 'margin' in ex['role'] else ', margin'} {ex['margin']:.2f}"
+
+
+def _rationale_label(s: dict) -> str:
+    verdict = "no verdict" if s["rationale_score"] is None else f"score {s['rationale_score']:g}"
+    return f"judge sample {s['rationale_sample']} ({verdict})"
+
+
+def examples_table(it: dict) -> Table | None:
+    """The iteration's example pairs as a rich table, each text on one line cut to CLIP characters."""
+    examples = it.get("examples") or []
+    if not examples:
+        return None
+    table = Table(title=f"example pairs, iteration {it['iteration']} ({len(examples)} of {it['pairs']} pairs)",
+                  show_lines=True)
+    for h in ("pair", "prompt", "chosen", "rejected"):
+        table.add_column(h, overflow="fold")
+    for ex in examples:
+        cells = []
+        for side in ("chosen", "rejected"):
+            s = ex[side]
+            cell = Text(_clip(s["text"]))
+            cell.append(f"\n{side_line(ex, side)}", style="dim")
+            if s["rationale"] is not None:
+                cell.append(f"\n{_rationale_label(s)}: ", style="dim")
+                cell.append(_clip(s["rationale"]))
+            cells.append(cell)
+        table.add_row(Text(f"{_role(ex)}\n{ex['pair_id']}"), Text(_clip(ex["prompt"])), *cells)
+    return table
+
+
+def _fence(text: str | None, info: str = "text") -> list[str]:
+    """`text` verbatim in a fenced block: the fence is a run of backticks longer than any run in the text, so no
+    line of the text can close it (CommonMark)."""
+    text = text or ""
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return [f"{fence}{info}", *text.removesuffix("\n").split("\n"), fence]
+
+
+def examples_md(it: dict) -> list[str]:
+    """The iteration's example pairs in Markdown: full texts, scores and judge rationales."""
+    examples = it.get("examples") or []
+    if not examples:
+        return []
+    lines = ["", f"#### Example pairs, iteration {it['iteration']}", "",
+             ("The iteration's only pair." if it["pairs"] == 1 else
+              f"{len(examples)} of the iteration's {it['pairs']} pairs, by margin: "
+              f"{', '.join(ex['role'].split()[0] for ex in examples)} (ties broken by pair id).")
+             + ("" if examples[0]["judged"] else " The judge did not run in this iteration: signals only.")]
+    for ex in examples:
+        lines += ["", f"##### {_role(ex).capitalize()} (pair `{ex['pair_id']}`)", "",
+                  "**Prompt**", "", *_fence(ex["prompt"])]
+        for side in ("chosen", "rejected"):
+            s = ex[side]
+            lines += ["", f"**{side.capitalize()}** ({side_line(ex, side)})", "", *_fence(s["text"])]
+            if s["rationale"] is not None:
+                lines += ["", f"{_rationale_label(s).capitalize()}:", "", *_fence(s["rationale"])]
+    return lines
+
+
 def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in rows)]
 
@@ -324,6 +479,7 @@ def render_markdown(run_id: str, iterations: list[dict], checks: list[Check], bo
         image = images.get(f"scores-{it['iteration']}")
         if image:
             lines += ["", f"![judge scores, iteration {it['iteration']}]({image})"]
+        lines += examples_md(it)
     return "\n".join(lines) + "\n"
 
 
@@ -507,6 +663,9 @@ def print_report(run_id: str, iterations: list[dict], checks: list[Check], conso
         console.print(f"[bold]iteration {it['iteration']}[/]")
         for line in detail_lines(it):
             console.print(f"  {line}", highlight=False, soft_wrap=True)
+        table = examples_table(it)
+        if table is not None:
+            console.print(table)
     its = sorted({c.iteration for c in checks})
     mon = Table(title="monitors")
     mon.add_column("check", no_wrap=True)

@@ -14,6 +14,7 @@ def run_id_for(cfg: FlywheelConfig) -> str:
     data = cfg.model_dump(mode="json")
     data.pop("registry")
     data.pop("monitors", None)  # thresholds judge a run; they do not change it
+    data["run"].pop("threads", None)  # how fast, not what
     return f"{cfg.run.name}-{content_hash(data, 8)}"
 
 

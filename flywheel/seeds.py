@@ -287,7 +287,11 @@ POINT_PHRASES = [
 NO_POINT_PHRASE = "The reply does not relate to the question."
 
 
-def judge_target(points: int) -> str:
+def judge_target(points: int, verdict_only: bool = False) -> str:
+    """The judge's answer for `points`: a short justification, then `Score: N`; with `verdict_only` (the
+    probability judge, which reads the score right after 'Score:') the verdict alone."""
+    if verdict_only:
+        return f"Score: {points}"
     justification = " ".join(POINT_PHRASES[:points]) if points else NO_POINT_PHRASE
     return f"{justification}\nScore: {points}"
 
@@ -296,7 +300,7 @@ def ift_examples(seeds: list[Seed]) -> list[dict]:
     return [{"prompt": s.instruction, "completion": s.response} for s in seeds]
 
 
-def eft_examples(seeds: list[Seed], judge_template: str, seed: int) -> list[dict]:
+def eft_examples(seeds: list[Seed], judge_template: str, seed: int, verdict_only: bool = False) -> list[dict]:
     """Synthetic EFT, for seeds without human rankings: own answer 5, its first third 2, another seed's answer 0."""
     rng = random.Random(seed)
     out = []
@@ -308,7 +312,7 @@ def eft_examples(seeds: list[Seed], judge_template: str, seed: int) -> list[dict
             replies.append((rng.choice(others).response, 0))
         for reply, points in replies:
             prompt = judge_template.format(instruction=s.instruction, response=reply)
-            out.append({"prompt": prompt, "completion": judge_target(points)})
+            out.append({"prompt": prompt, "completion": judge_target(points, verdict_only)})
     return out
 
 
@@ -343,7 +347,7 @@ def balance_scores(examples: list[tuple[int, dict]], seed: int) -> list[tuple[in
 
 
 def eft_from_rankings(ranked: list[RankedPrompt], judge_template: str, seed: int, *,
-                      balance: bool = True) -> list[dict]:
+                      balance: bool = True, verdict_only: bool = False) -> list[dict]:
     """EFT from human rankings: each ranked reply, scored by `rank_points`, and per prompt one reply to another
     prompt scored 0 (off topic); then `balance_scores`. Unranked replies are not used. Targets are `judge_target`."""
     rng = random.Random(seed)
@@ -358,7 +362,7 @@ def eft_from_rankings(ranked: list[RankedPrompt], judge_template: str, seed: int
             items.append((rng.choice(others), 0))
         for text, points in items:
             prompt = judge_template.format(instruction=p.instruction, response=text)
-            scored.append((points, {"prompt": prompt, "completion": judge_target(points)}))
+            scored.append((points, {"prompt": prompt, "completion": judge_target(points, verdict_only)}))
     if balance:
         scored = balance_scores(scored, seed)
     return [example for _, example in scored]

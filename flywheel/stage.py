@@ -22,7 +22,7 @@ from . import timing
 from .backends import GenerationBackend, make_backend
 from .config import FlywheelConfig, content_hash
 from .datasets import freeze_stage_outputs
-from .models import resolve_device
+from .models import apply_threads, resolve_device
 from .progress import progress
 from .registry import Registry
 
@@ -53,6 +53,7 @@ def run_stage(
 ) -> StageResult:
     sid = stage_run_id(stage, inputs)
     t0 = time.perf_counter()
+    apply_threads(cfg.run.threads)
     with Registry(cfg.registry.root) as reg:
         ledger = reg.begin_stage(
             sid, run_id=run_id, iteration=iteration, stage=stage, model_id=model_id, config_hash=cfg.config_hash()

@@ -85,6 +85,15 @@ def _common_args(device: str, seed: int, out_dir: str) -> dict[str, Any]:
     )
 
 
+def _batches(batch_size: int, micro_batch_size: int | None) -> dict[str, int]:
+    """`batch_size` sequences (or pairs) per optimizer step, `micro_batch_size` of them per forward pass (gradient
+    accumulation): the same steps with a fraction of the activation memory, which on a real model is most of it."""
+    micro = micro_batch_size or batch_size
+    if batch_size % micro:
+        raise ValueError(f"batch_size ({batch_size}) must be a multiple of micro_batch_size ({micro})")
+    return {"per_device_train_batch_size": micro, "gradient_accumulation_steps": batch_size // micro}
+
+
 def _timed_train(trainer):
     with timing.compute():
         return trainer.train()
@@ -143,9 +152,16 @@ def _is_peft(model) -> bool:
 
 def _finish(trainer, tokenizer, keys, save_dir) -> dict[str, float]:
     metrics = _final_metrics(trainer, _timed_train(trainer), keys)
+    _save_or_merge(trainer, tokenizer, save_dir)
+    return metrics
+
+
+def _save_or_merge(trainer, tokenizer, save_dir) -> None:
+    """Save to `save_dir`; without one, merge LoRA adapters (if any) so the caller's model holds the trained weights."""
     if save_dir is not None:
         _save(trainer, tokenizer, save_dir)
-    return metrics
+    elif _is_peft(trainer.accelerator.unwrap_model(trainer.model)):
+        trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
 
 
 @contextmanager
@@ -196,19 +212,21 @@ def causal_lm_train(model, tokenizer, texts: list[str], *, steps: int, lr: float
 
 
 def sft_train(model, tokenizer, examples: list[dict], *, epochs: float, lr: float, batch_size: int, max_length: int,
-              device: str, seed: int, save_dir: str | Path | None = None) -> dict[str, float]:
-    """SFT on {"prompt", "completion"} rows, as chat turns; the loss covers the completion only."""
+              device: str, seed: int, lora=None, micro_batch_size: int | None = None,
+              save_dir: str | Path | None = None) -> dict[str, float]:
+    """SFT on {"prompt", "completion"} rows, as chat turns; the loss covers the completion only. With `lora` (a
+    LoraConfig that is on) LoRA adapters train and are merged into `model` afterwards."""
     rows = {
         "prompt": [[{"role": "user", "content": e["prompt"]}] for e in examples],
         "completion": [[{"role": "assistant", "content": e["completion"]}] for e in examples],
     }
     with tempfile.TemporaryDirectory() as out:
         args = SFTConfig(
-            num_train_epochs=epochs, learning_rate=lr, per_device_train_batch_size=batch_size, max_length=max_length,
+            num_train_epochs=epochs, learning_rate=lr, max_length=max_length, **_batches(batch_size, micro_batch_size),
             lr_scheduler_type="cosine", warmup_steps=0.05, **_common_args(device, seed, out),
         )
         trainer = _quiet(SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict(rows),
-                                    processing_class=tokenizer))
+                                    processing_class=tokenizer, peft_config=peft_lora_config(lora)))
         # TRL drops an example whose prompt alone fills max_length (nothing left to learn): count it, say so
         dropped = len(examples) - len(trainer.train_dataset)
         if dropped:
@@ -219,7 +237,10 @@ def sft_train(model, tokenizer, examples: list[dict], *, epochs: float, lr: floa
 
 
 def peft_lora_config(lora):
-    """A peft LoraConfig from the `dpo.lora` section (None when LoRA is off)."""
+    """A peft LoraConfig from a `lora` section (None when LoRA is off). 'auto' must be resolved by the caller
+    (`LoraConfig.on`) and passed as a copy with `enabled` True or False."""
+    if lora is not None and lora.enabled == "auto":
+        raise ValueError("lora.enabled 'auto' must be resolved (LoraConfig.on) before training")
     if lora is None or not lora.enabled:
         return None
     from peft import LoraConfig as PeftLoraConfig
@@ -230,8 +251,8 @@ def peft_lora_config(lora):
 
 def dpo_train(model, tokenizer, pairs: list[dict], *, beta: float, lr: float, epochs: float, batch_size: int,
               max_length: int, device: str, seed: int, min_lr_ratio: float = 0.1, dropout: float = 0.0,
-              lora=None, ref_model=None, nll_weight: float = 0.0,
-              save_dir: str | Path | None = None) -> dict[str, float]:
+              lora=None, ref_model=None, nll_weight: float = 0.0, precompute_ref: bool = False,
+              micro_batch_size: int | None = None, save_dir: str | Path | None = None) -> dict[str, float]:
     """DPO on {"prompt", "chosen", "rejected"} rows (plain strings).
 
     - The learning rate decays by cosine to `min_lr_ratio` of its start (paper: 1e-6 -> 1e-7).
@@ -244,6 +265,9 @@ def dpo_train(model, tokenizer, pairs: list[dict], *, beta: float, lr: float, ep
     - `lora` (the `dpo.lora` section): train LoRA adapters through peft, merged into the weights before saving.
     - `nll_weight` > 0 adds that weight times the chosen response's NLL (Iterative RPO, Pang et al. 2024): TRL's
       loss types ["sigmoid", "sft"] with weights [1, nll_weight].
+    - `precompute_ref`: the reference log-probs are computed once, before training (TRL's
+      precompute_ref_log_probs), so no reference model stays resident and no step runs a second forward pass.
+      TRL's DPO computes per-token log-probs with a chunked LM head, never materialising the full logits.
     """
     rows = {
         "prompt": [[{"role": "user", "content": p["prompt"]}] for p in pairs],
@@ -254,9 +278,10 @@ def dpo_train(model, tokenizer, pairs: list[dict], *, beta: float, lr: float, ep
         ref_model.eval()
     with tempfile.TemporaryDirectory() as out:
         args = TRLDPOConfig(
-            beta=beta, learning_rate=lr, num_train_epochs=epochs, per_device_train_batch_size=batch_size,
+            beta=beta, learning_rate=lr, num_train_epochs=epochs, **_batches(batch_size, micro_batch_size),
             max_length=max_length, lr_scheduler_type="cosine_with_min_lr",
             lr_scheduler_kwargs={"min_lr_rate": min_lr_ratio}, disable_dropout=False,
+            precompute_ref_log_probs=precompute_ref,
             **({"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, nll_weight]} if nll_weight else {}),
             **_common_args(device, seed, out),
         )
@@ -264,10 +289,7 @@ def dpo_train(model, tokenizer, pairs: list[dict], *, beta: float, lr: float, ep
                                     processing_class=tokenizer, peft_config=peft_lora_config(lora)))
         with dropout_set_to(model, dropout) as fields:
             metrics = _final_metrics(trainer, _timed_train(trainer), DPO_METRICS)
-        if save_dir is not None:
-            _save(trainer, tokenizer, save_dir)
-        elif _is_peft(trainer.accelerator.unwrap_model(trainer.model)):
-            trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()  # `model` now holds the merged weights
+        _save_or_merge(trainer, tokenizer, save_dir)
     metrics["dropout_fields"] = fields
     return metrics
 

@@ -78,10 +78,15 @@ def run_job(cfg: FlywheelConfig, job: TrainJob) -> dict:
     if job.trainer == "dpo":
         c = cfg.dpo
         ref = _load(job.ref_path, device)[0] if job.ref_path else None
+        lora = resolved_lora(cfg, c.lora, device)
+        precompute = c.precompute(cfg.scratch)
         metrics = train.dpo_train(model, tokenizer, job.rows, beta=c.beta, lr=c.learning_rate, epochs=c.epochs,
                                   batch_size=c.batch_size, max_length=c.max_length, min_lr_ratio=c.min_lr_ratio,
-                                  dropout=c.dropout, lora=c.lora, ref_model=ref, nll_weight=c.nll_weight, **common)
+                                  dropout=c.dropout, lora=lora, ref_model=ref, nll_weight=c.nll_weight,
+                                  precompute_ref=precompute, micro_batch_size=c.micro_batch_size, **common)
         extra["dropout_applied_to"] = metrics.pop("dropout_fields")
+        extra["lora"] = lora.model_dump(mode="json")  # with 'auto' decided
+        extra["precompute_ref_log_probs"] = precompute
     elif job.trainer in ("grpo", "rloo"):
         c: OnlineRLConfig = getattr(cfg, job.trainer)
         funcs, weights = _reward_functions(cfg, job, tokenizer)
@@ -102,6 +107,11 @@ def run_job(cfg: FlywheelConfig, job: TrainJob) -> dict:
     del model
     _free()
     return {**metrics, "train_config_extra": extra}
+
+
+def resolved_lora(cfg: FlywheelConfig, lora, device: str):
+    """A copy of a `lora` section with 'auto' decided: on for a real base on CPU (`LoraConfig.on`)."""
+    return lora.model_copy(update={"enabled": lora.on(device, cfg.scratch)})
 
 
 def _load(path: str, device: str):
@@ -257,7 +267,8 @@ def train_seed_sft(cfg: FlywheelConfig, run_id: str, iteration: int, model_id: s
               "eft": cfg.seeds.eft, "judge_template": judge_hash, "seed": cfg.run.seed}
 
     def make_job(reg: Registry, sid: str) -> tuple[TrainJob, dict]:
-        examples, counts = sft_examples(reg, seeds_sid, judge_text, eft=cfg.seeds.eft, seed=cfg.run.seed)
+        examples, counts = sft_examples(reg, seeds_sid, judge_text, eft=cfg.seeds.eft, seed=cfg.run.seed,
+                                        verdict_only=cfg.judge.mode == "prob")
         order = list(range(len(examples)))
         random.Random(content_hash([sid, cfg.run.seed])).shuffle(order)
         rows = [examples[order[i % len(order)]] for i in range(budget)] if examples else []

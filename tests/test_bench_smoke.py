@@ -87,3 +87,19 @@ def test_memory(api_env, tmp_path):
     for r in rows:
         start, peak = float(r[2]), float(r[3])
         assert 0 < start <= peak
+
+
+def test_judge():
+    table = by_first(run_bench("judge", "--smoke"))
+    prob = next(v for k, v in table.items() if k.startswith("prob"))
+    baseline = next(v for k, v in table.items() if k.startswith("sample"))
+    assert times(baseline[1]) == 1.0 and float(prob[0]) > 0 and float(baseline[0]) > 0
+    assert prob[2].endswith("%")
+
+
+def test_dpo():
+    table = by_first(run_bench("dpo", "--smoke"))
+    base = next(v for k, v in table.items() if k.startswith("baseline"))
+    lean = next(v for k, v in table.items() if k.startswith("lean"))
+    assert base[0] == lean[0] == "1"  # one step each
+    assert times(base[2]) == 1.0 and float(lean[3].replace(",", "")) > 0

@@ -4,7 +4,6 @@ the point is that what it says is counted right)."""
 
 import json
 import math
-import random
 from itertools import combinations
 
 import pytest
@@ -74,11 +73,9 @@ def _one_torch_thread():
 def judge_model(tmp_path_factory):
     """A random tiny Llama given 40 real optimiser steps (4 prompts each) to answer the short judge prompt with
     'Score: <0-5>' (the digit random), so it emits parseable, arbitrary verdicts."""
-    import torch
-
     from flywheel.models import load, save_atomically
     from flywheel.seeds import load_seed_data
-    from tests.tiny import save_random_tiny_model
+    from tests.tiny import save_random_tiny_model, teach_score_format
 
     root = tmp_path_factory.mktemp("judge")
     model, tok = load(save_random_tiny_model(root / "random"), "cpu")
@@ -86,25 +83,7 @@ def judge_model(tmp_path_factory):
     prompts = [SHORT_JUDGE.format(instruction=p.instruction, response=r.text) for p in data.ranked for r in p.replies]
     heads = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
              for p in prompts]
-    rng = random.Random(0)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    model.train()
-    for _ in range(40):
-        rows = []
-        for head in rng.sample(heads, 4):
-            a = tok(head, add_special_tokens=False)["input_ids"]
-            b = tok(f"Score: {rng.randint(0, 5)}{tok.eos_token}", add_special_tokens=False)["input_ids"]
-            rows.append((a + b, [-100] * len(a) + b))
-        width = max(len(ids) for ids, _ in rows)
-        pad = [width - len(ids) for ids, _ in rows]
-        ids = torch.tensor([[tok.pad_token_id] * n + x for n, (x, _) in zip(pad, rows)])
-        labels = torch.tensor([[-100] * n + y for n, (_, y) in zip(pad, rows)])
-        mask = torch.tensor([[0] * n + [1] * (width - n) for n in pad])
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
+    teach_score_format(model, tok, heads, steps=40)
     save_atomically(model, tok, root / "judge")
     (root / "judge.txt").write_text(SHORT_JUDGE)
     return root

@@ -159,6 +159,6 @@ def test_the_oracle_pairs_right_over_wrong_and_pair_quality_counts_it(tmp_path):
 def test_flywheel_run_names_a_missing_world_file_before_running(override, message, tmp_path, capsys):
     from flywheel.cli import main as cli_main
 
-    assert cli_main(["run", "--config", "configs/demo.yaml", f"registry.root={tmp_path}", override]) == 2
+    assert cli_main(["run", "--config", "configs/tiny.yaml", f"registry.root={tmp_path}", override]) == 2
     assert message in capsys.readouterr().out
     assert not (tmp_path / "flywheel.duckdb").exists()  # nothing ran

@@ -13,10 +13,14 @@ from . import add_config_args, config_from, console
 def preflight(cfg: FlywheelConfig) -> None:
     """Fail before the run starts on inputs that are missing or malformed."""
     from ..backends import check_backend
+    from ..bases import resolve_base
+    from ..judge import check_judge
     from ..seeds import load_seed_data
 
+    resolve_base(cfg.model.base)  # a missing package or file, or a GGUF this install cannot read: named here
     load_seed_data(cfg.seeds.path, cfg.seeds.format)
     check_backend(cfg.generate)
+    check_judge(cfg)
     if cfg.model.base == "tiny" and cfg.model.tiny.corpus:
         from ..bootstrap import read_corpus
 
