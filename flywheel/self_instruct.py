@@ -64,12 +64,13 @@ _LABEL = re.compile(r"^(?:[*_]{2}\s*)?(?:new\s+)?(?:task|question|instructions?|
                     r"(?:[*_]{2}\s*)?:(?:\s*[*_]{2})?\s*", re.I)
 _MARKER = re.compile(r"^(?:\d{1,2}\s*[.)]|[-*•])(?:\s+|$)")
 _ANSWER = re.compile(r"\s(?:A|[Aa]nswer|ANSWER|[Rr]esponse)\s*:")  # an answer written on the task's line
+_QUOTED = re.compile(r'"[^"]*"|“[^”]*”')  # a quotation inside the text: its '?' asks nothing of the reader
 _QUOTES = {'"': '"', "'": "'", "“": "”", "‘": "’", "`": "`", "**": "**"}
 
 # not_a_task: an answer or assistant preamble at the start (compared lowercased, as whole words) ...
-NOT_TASK_PREFIXES = ("the answer is", "answer:", "response:", "sure", "here is", "here's", "here are", "certainly",
+NOT_TASK_PREFIXES = ("the answer", "answer:", "response:", "sure", "here is", "here's", "here are", "certainly",
                      "i'm", "i am", "as an ai", "of course", "great", "okay")
-# ... else a request needs a '?', one of these openers, or one of these words first (the verbs also count first after
+# ... else a request needs a '?' (not one inside a quotation), one of these openers, or one of these words first (the verbs also count first after
 # a comma: "In one sentence, explain ..."). Imperatives and request words, not a dictionary: add one when a real task
 # is lost.
 REQUEST_OPENERS = ("i need", "i want", "i'd like", "i would like")
@@ -151,7 +152,8 @@ def not_a_task(text: str) -> bool:
 
     if text.endswith(":") or opens(NOT_TASK_PREFIXES):
         return True
-    if "?" in text or opens(REQUEST_OPENERS) or _first_word(low) in REQUEST_VERBS | QUESTION_WORDS:
+    unquoted = _QUOTED.sub("", text)
+    if "?" in unquoted or opens(REQUEST_OPENERS) or _first_word(low) in REQUEST_VERBS | QUESTION_WORDS:
         return False
     return not any(_first_word(part) in REQUEST_VERBS for part in re.split(r"[,;:]", low)[1:])
 

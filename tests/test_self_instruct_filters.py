@@ -142,6 +142,8 @@ def test_clean_prompt(raw, clean):
         ("Great question, let me think.", True),
         ("Photosynthesis is the process plants use to make food.", True),
         ("A noun is a word that names a person, place or thing.", True),
+        ("The answer to the question \"What is the capital of France?\" is indeed Paris.", True),  # a quoted '?'
+        ('Rewrite the question "Why is the sky blue?" for a child.', False),
         # whole words only
         ("Surely you can describe a sunny day?", False),
         ("Greatest inventions in history, list five.", False),
