@@ -58,15 +58,7 @@ def test_perfect_reversed_and_empty():
 SHORT_JUDGE = "Rate the reply from 0 to 5.\nQuestion: {instruction}\nReply: {response}\nEnd with a line Score: N"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """On a shared 2-core machine torch's default threads contend: the training below took 67 s with 2, 5 s with 1."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -28,11 +28,8 @@ CANDIDATES = {"What is a noun?": ["A word that names a thing.", "Blue.", "A noun
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _release(one_torch_thread):
     yield
-    torch.set_num_threads(before)
     release_backends()
 
 
