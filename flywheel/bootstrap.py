@@ -164,7 +164,7 @@ def train_sft(cfg: FlywheelConfig, run_id: str, base_id: str, seeds_sid: str) ->
     device = resolve_device(cfg.run.device)
     with Registry(cfg.registry.root) as reg:
         judge_text, judge_hash = load_template(reg, cfg.judge.template, "judge")
-    lora = cfg.sft.lora.model_copy(update={"enabled": cfg.sft.lora.on(device, cfg.scratch)})  # 'auto' decided
+    lora = cfg.sft.lora.resolved(device, cfg.scratch)
     inputs = {"base": base_id, "seeds": seeds_sid, "sft": cfg.sft.model_dump(exclude={"lora"}), "eft": cfg.seeds.eft,
               "judge_template": judge_hash, "seed": cfg.run.seed}
     if lora.enabled:

@@ -94,6 +94,10 @@ class LoraConfig(_Section):
         """Whether LoRA trains here: `enabled`, with 'auto' = a real base on CPU (`device` already resolved)."""
         return device == "cpu" and not scratch if self.enabled == "auto" else bool(self.enabled)
 
+    def resolved(self, device: str, scratch: bool) -> "LoraConfig":
+        """A copy with 'auto' decided (`on`), as training and stage keys need it."""
+        return self.model_copy(update={"enabled": self.on(device, scratch)})
+
 
 SeedFormat = Literal["auto", "flywheel", "oasst", "self_instruct", "alpaca", "chat"]
 

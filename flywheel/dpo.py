@@ -31,7 +31,7 @@ def dpo_key(cfg: FlywheelConfig) -> dict:
     differently), and the reference log-probs' precompute named only when on."""
     c = cfg.dpo
     key = c.model_dump(mode="json", exclude={"precompute_ref_log_probs"})
-    key["lora"]["enabled"] = c.lora.on(resolve_device(cfg.run.device), cfg.scratch)
+    key["lora"] = c.lora.resolved(resolve_device(cfg.run.device), cfg.scratch).model_dump(mode="json")
     if c.precompute(cfg.scratch):
         key["precompute_ref_log_probs"] = True
     return key

@@ -263,7 +263,7 @@ def resolved_mode(cfg: FlywheelConfig) -> str:
     model with no chat training) and chat for any other base (an instruct model)."""
     mode = cfg.self_instruct.mode
     if mode == "auto":
-        return "completion" if cfg.model.base == "tiny" else "chat"
+        return "completion" if cfg.scratch else "chat"
     return mode
 
 

@@ -78,7 +78,7 @@ def run_job(cfg: FlywheelConfig, job: TrainJob) -> dict:
     if job.trainer == "dpo":
         c = cfg.dpo
         ref = _load(job.ref_path, device)[0] if job.ref_path else None
-        lora = resolved_lora(cfg, c.lora, device)
+        lora = c.lora.resolved(device, cfg.scratch)
         precompute = c.precompute(cfg.scratch)
         metrics = train.dpo_train(model, tokenizer, job.rows, beta=c.beta, lr=c.learning_rate, epochs=c.epochs,
                                   batch_size=c.batch_size, max_length=c.max_length, min_lr_ratio=c.min_lr_ratio,
@@ -107,11 +107,6 @@ def run_job(cfg: FlywheelConfig, job: TrainJob) -> dict:
     del model
     _free()
     return {**metrics, "train_config_extra": extra}
-
-
-def resolved_lora(cfg: FlywheelConfig, lora, device: str):
-    """A copy of a `lora` section with 'auto' decided: on for a real base on CPU (`LoraConfig.on`)."""
-    return lora.model_copy(update={"enabled": lora.on(device, cfg.scratch)})
 
 
 def _load(path: str, device: str):
