@@ -1,6 +1,7 @@
 # make demo: set up .venv (CPU wheels) if missing and run the embedded default on SmolLM2-135M-Instruct, M1 -> M2 -> M3.
 # make demo-tiny: the same loop on a tiny model built from scratch (the plumbing demo, ~5 minutes).
 # make test: set up .venv if missing and run the test suite.
+# make test-fast: the same without the tests marked slow (training, the Prefect flow, servers, run subprocesses).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -11,7 +12,7 @@ export PREFECT_HOME ?= $(CURDIR)/data_registry/prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export HF_HUB_OFFLINE := 1
 
-.PHONY: demo demo-tiny test install clean-registry
+.PHONY: demo demo-tiny test test-fast install clean-registry
 
 install: $(STAMP)
 
@@ -31,5 +32,8 @@ demo-tiny: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
 clean-registry:
-	rm -rf data_registry/flywheel.duckdb* data_registry/flywheel.lock data_registry/datasets data_registry/jobs data_registry/models data_registry/snapshots data_registry/runs data_registry/prefect
+	rm -rf data_registry/flywheel.duckdb* data_registry/flywheel.lock data_registry/datasets data_registry/jobs data_registry/models data_registry/runs data_registry/prefect

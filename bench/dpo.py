@@ -33,7 +33,7 @@ def child(spec: dict) -> None:
     torch.set_num_threads(spec["threads"])
     from flywheel.config import LoraConfig
     from flywheel.models import load
-    from flywheel.train import dpo_train
+    from flywheel.training.loops import dpo_train
 
     model, tok = load(spec["model"])
     metrics = dpo_train(model, tok, spec["pairs"], beta=0.1, lr=5e-5, epochs=1, batch_size=spec["batch"],

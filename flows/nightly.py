@@ -1,10 +1,10 @@
 """The nightly flow: each scheduled run takes a config's latest model one iteration further.
 
-`flywheel schedule --cron ...` registers this flow as a Prefect deployment with the config's path, its overrides and
-the directory it was registered from; `flywheel schedule serve` runs the deployments' flow runs as they come due.
-Each run holds the registry lock, asks the registry how many iterations that config has finished
-(`flywheel.schedule.next_iteration`), and runs `run_flywheel` with one more: finished iterations are skipped stage by
-stage, so only the new iteration computes. The flywheel run shows up in the UI as a subflow of the nightly run.
+`flywheel schedule --cron ...` registers this flow as a Prefect deployment (flows/schedule.py) with the config's path,
+its overrides and the directory it was registered from; `flywheel schedule serve` runs the deployments' flow runs as
+they come due. Each run holds the registry lock, asks the registry how many iterations that config has finished
+(`flywheel.schedule.next_iteration`), and runs the flywheel flow with one more: finished iterations are skipped stage
+by stage, so only the new iteration computes. The flywheel run shows up in the UI as a subflow of the nightly run.
 
 Retries: the planning task retries what a wait can fix (`retry_transient`, e.g. the DuckDB file briefly open in a
 reader); the flow retries once after 15 minutes, which covers a registry held by a run someone started by hand. A
@@ -22,18 +22,11 @@ from prefect.tasks import exponential_backoff
 
 from flywheel.config import load_config
 from flywheel.lock import registry_lock
-from flywheel.schedule import NextIteration, is_transient, next_iteration
+from flywheel.pipeline import preflight
+from flywheel.schedule import NextIteration, next_iteration
+from flows.flywheel_flow import flywheel_flow, retry_transient
 
 FLOW_NAME = "flywheel-nightly"
-
-
-def retry_transient(task, task_run, state) -> bool:
-    """A Prefect `retry_condition_fn`: go on to the task's retries only if its failure is transient."""
-    try:
-        error = state.result(raise_on_failure=False)
-    except Exception:  # the result could not be read: do not guess
-        return False
-    return is_transient(error if isinstance(error, BaseException) else None)
 
 
 @task(name="plan-next-iteration", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=exponential_backoff(5),
@@ -45,8 +38,6 @@ def plan_task(cfg) -> NextIteration:
 @flow(name=FLOW_NAME, retries=1, retry_delay_seconds=900)
 def nightly_flow(config: str | None = None, overrides: list[str] | None = None, workdir: str | None = None) -> dict:
     """One more iteration of the config `config` + `overrides`, read in `workdir` (where it was scheduled from)."""
-    from flywheel.commands.run import preflight, run_flywheel
-
     log = get_run_logger()
     if workdir:
         os.chdir(workdir)  # the config's relative paths (seeds, templates, registry) are relative to it
@@ -56,8 +47,5 @@ def nightly_flow(config: str | None = None, overrides: list[str] | None = None, 
         log.info("%s: %d iteration(s) finished (latest model %s); running iteration %d as run %s",
                  cfg.run.name, plan.finished, plan.latest_model or "none", plan.finished + 1, plan.run_id)
         preflight(plan.cfg)
-        code = run_flywheel(plan.cfg)
-    if code != 0:
-        raise RuntimeError(f"run {plan.run_id} stopped (exit code {code}); see its log above. Finished stages are "
-                           "kept: the next run resumes it")
+        flywheel_flow(plan.cfg)  # a failure fails this flow run; finished stages are kept for the next one
     return {"run_id": plan.run_id, "iteration": plan.finished + 1, "registry": str(cfg.registry.root)}

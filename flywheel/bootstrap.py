@@ -1,26 +1,23 @@
-"""Iteration 0: import the seeds, make the base model (PT), fine-tune it into M1 (SFT on IFT + EFT).
+"""Iteration 0 before training: import the seeds, make the base model (PT), and build M1's SFT examples.
 
 `import_seeds` reads `seeds.path` in `seeds.format` (see flywheel/seeds.py): each seed prompt becomes a `prompts` row
 (source 'seed', its IFT answer as `reference`), and human-ranked replies (Open Assistant trees) go to
-`seed_responses` with their rank. `train_sft` makes EFT from those rankings when the import has any, else the
-synthetic 5/2/0 examples.
+`seed_responses` with their rank. `sft_examples` makes EFT from those rankings when the import has any, else the
+synthetic 5/2/0 examples; M1 is trained on them by `flywheel.training.sft.train_m1`.
 """
 
 from __future__ import annotations
 
-from collections import Counter
 from pathlib import Path
 
-from .backends import release_backends
 from .bases import convert_gguf, resolve_base
 from .config import FlywheelConfig, content_hash
-from .models import build_tiny_model, build_tokenizer, load, resolve_device, save_atomically
+from .models import build_tiny_model, build_tokenizer, resolve_device, save_atomically
+from .reads import seeds_from_registry
 from .registry import Registry, now
-from .score_parser import parse_score
-from .seeds import (RankedPrompt, RankedReply, Seed, eft_examples, eft_from_rankings, ift_examples, load_seed_data,
-                    pretrain_corpus)
+from .seeds import RankedPrompt, load_seed_data, pretrain_corpus
 from .stage import StageResult, load_template, run_stage
-from .train import causal_lm_train, sft_train
+from .training.common import loops
 
 
 def import_seeds(cfg: FlywheelConfig, run_id: str) -> StageResult:
@@ -60,27 +57,6 @@ def import_seeds(cfg: FlywheelConfig, run_id: str) -> StageResult:
     return run_stage(cfg, "seeds", run_id, 0, None, inputs, work)
 
 
-def seeds_from_registry(reg: Registry, seeds_sid: str) -> list[Seed]:
-    """The IFT seeds of an import (its seed prompts that have a reference answer)."""
-    rows = reg.rows("SELECT seed_id, text, reference FROM prompts WHERE stage_run_id = ? AND reference IS NOT NULL "
-                    "ORDER BY prompt_id", [seeds_sid])
-    return [Seed(r["seed_id"], r["text"], r["reference"]) for r in rows]
-
-
-def ranked_from_registry(reg: Registry, seeds_sid: str) -> list[RankedPrompt]:
-    """The human-ranked replies of an import, per seed prompt (empty when the seed format has no rankings)."""
-    rows = reg.rows(
-        "SELECT p.prompt_id, p.seed_id, p.text AS instruction, r.text, r.human_rank FROM seed_responses r "
-        "JOIN prompts p USING (prompt_id) WHERE r.stage_run_id = ? "
-        "ORDER BY p.prompt_id, r.human_rank NULLS LAST, r.response_id", [seeds_sid])
-    replies: dict[str, list[RankedReply]] = {}
-    heads: dict[str, tuple[str, str]] = {}
-    for r in rows:
-        heads.setdefault(r["prompt_id"], (r["seed_id"], r["instruction"]))
-        replies.setdefault(r["prompt_id"], []).append(RankedReply(r["text"], r["human_rank"]))
-    return [RankedPrompt(*heads[pid], tuple(replies[pid])) for pid in heads]
-
-
 def build_base(cfg: FlywheelConfig, run_id: str, seeds_sid: str) -> StageResult:
     """The PT model. 'tiny': a tokenizer and a small Llama trained from scratch on the seed corpus (plus the
     unlabeled text of `model.tiny.corpus`, if set). A GGUF file (or a built-in name for one) is converted once into
@@ -109,7 +85,7 @@ def build_base(cfg: FlywheelConfig, run_id: str, seeds_sid: str) -> StageResult:
             tokenizer = build_tokenizer(corpus, t.vocab_size, split_digits=t.split_digits)
             model = build_tiny_model(t, tokenizer, cfg.run.seed)
             if t.pretrain_steps:
-                metrics = causal_lm_train(model, tokenizer, corpus, steps=t.pretrain_steps, lr=t.pretrain_lr,
+                metrics = loops().causal_lm_train(model, tokenizer, corpus, steps=t.pretrain_steps, lr=t.pretrain_lr,
                                           batch_size=t.pretrain_batch_size, max_length=t.max_position,
                                           device=device, seed=cfg.run.seed)
             path = reg.model_dir(sid)
@@ -136,57 +112,3 @@ def read_corpus(path) -> list[str]:
     if not docs:
         raise ValueError(f"model.tiny.corpus: {path} holds no text")
     return docs
-
-
-def sft_examples(reg: Registry, seeds_sid: str, judge_template: str, *, eft: bool, seed: int,
-                 verdict_only: bool = False) -> tuple[list, dict]:
-    """M1's SFT rows: IFT from the seed answers, plus (if `eft`) EFT from the import's human rankings when it has
-    any, else the synthetic 5/2/0 examples. Returns (rows, counts for the stage's stats)."""
-    seeds = seeds_from_registry(reg, seeds_sid)
-    examples = ift_examples(seeds)
-    counts: dict = {"ift": len(seeds), "eft": 0, "eft_source": None}
-    if eft:
-        ranked = [p for p in ranked_from_registry(reg, seeds_sid) if p.ranked_replies()]
-        if ranked:
-            rows = eft_from_rankings(ranked, judge_template, seed, verdict_only=verdict_only)
-            counts["eft_source"] = "human_rankings"
-        else:
-            rows, counts["eft_source"] = eft_examples(seeds, judge_template, seed, verdict_only), "synthetic"
-        examples += rows
-        counts["eft"] = len(rows)
-        scores = Counter(parse_score(r["completion"]).score for r in rows)
-        counts["eft_scores"] = {str(int(k)): v for k, v in sorted(scores.items())}
-    return examples, counts
-
-
-def train_sft(cfg: FlywheelConfig, run_id: str, base_id: str, seeds_sid: str) -> StageResult:
-    """M1: SFT of the base model on IFT (seed answers) and, by default, EFT (judge-training) examples."""
-    device = resolve_device(cfg.run.device)
-    with Registry(cfg.registry.root) as reg:
-        judge_text, judge_hash = load_template(reg, cfg.judge.template, "judge")
-    lora = cfg.sft.lora.resolved(device, cfg.scratch)
-    inputs = {"base": base_id, "seeds": seeds_sid, "sft": cfg.sft.model_dump(exclude={"lora"}), "eft": cfg.seeds.eft,
-              "judge_template": judge_hash, "seed": cfg.run.seed}
-    if lora.enabled:
-        inputs["lora"] = lora.model_dump(mode="json")
-    verdict_only = cfg.judge.mode == "prob"  # the probability judge reads the score right after 'Score:'
-    if verdict_only:
-        inputs["eft_target"] = "verdict_only"
-
-    def work(reg: Registry, sid: str) -> dict:
-        examples, counts = sft_examples(reg, seeds_sid, judge_text, eft=cfg.seeds.eft, seed=cfg.run.seed,
-                                        verdict_only=verdict_only)
-        release_backends()
-        model, tokenizer = load(reg.model(base_id)["path"], device)
-        s = cfg.sft
-        metrics = sft_train(model, tokenizer, examples, epochs=s.epochs, lr=s.learning_rate, batch_size=s.batch_size,
-                            max_length=s.max_length, device=device, seed=cfg.run.seed, lora=lora,
-                            micro_batch_size=s.micro_batch_size)
-        metrics["lora"] = lora.enabled
-        save_atomically(model, tokenizer, reg.model_dir(sid))
-        reg.register_model(model_id=sid, run_id=run_id, name="M1", kind="sft", iteration=0, parent_id=base_id,
-                           path=str(reg.model_dir(sid)), stage_run_id=sid, config_hash=cfg.config_hash(),
-                           metrics=metrics)
-        return {"model_id": sid, "path": str(reg.model_dir(sid)), **counts, **metrics}
-
-    return run_stage(cfg, "sft", run_id, 0, base_id, inputs, work)

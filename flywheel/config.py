@@ -108,7 +108,12 @@ class SeedsConfig(_Section):
     eft: bool = Field(True, description="Add judge-training (EFT) examples to M1's SFT data.")
 
 
-class SFTConfig(_Section):
+class TrainerSection(_Section):
+    """A trainer's settings. A trainer's name is a section of FlywheelConfig of this kind ('rs-sft' -> rs_sft): that
+    is how `train.trainer` is checked, with no list of names to keep in step (flywheel/training/ holds the trainers)."""
+
+
+class SFTConfig(TrainerSection):
     """M1 = SFT of the base model on the seed data (paper: lr 5.5e-6 -> 1.1e-6, batch 16)."""
 
     epochs: float = Field(3.0, gt=0)
@@ -246,7 +251,7 @@ class PairsConfig(_Section):
         return per_iteration(self.rho, iteration)
 
 
-class DPOConfig(_Section):
+class DPOConfig(TrainerSection):
     """DPO through TRL (paper: beta 0.1, lr 1e-6 -> 1e-7, batch 16, dropout 0.1)."""
 
     beta: float = Field(0.1, gt=0)
@@ -273,7 +278,7 @@ class DPOConfig(_Section):
         return not scratch if self.precompute_ref_log_probs == "auto" else self.precompute_ref_log_probs
 
 
-class PPOConfig(_Section):
+class PPOConfig(TrainerSection):
     """PPO with the coherent reward, as SRPPO: policy and reference from M_t, a value head, GAE, clipped surrogate."""
 
     steps: int = Field(20, ge=1, description="PPO rollouts (each: sample, score, then ppo_epochs of updates).")
@@ -294,7 +299,7 @@ class PPOConfig(_Section):
     max_grad_norm: float = Field(1.0, gt=0)
 
 
-class OnlineRLConfig(_Section):
+class OnlineRLConfig(TrainerSection):
     """GRPO / RLOO through TRL, with the coherent and rule rewards as reward functions."""
 
     learning_rate: float = Field(1e-6, gt=0)
@@ -306,7 +311,7 @@ class OnlineRLConfig(_Section):
     max_completion_length: int = Field(256, ge=1)
 
 
-class RSSFTConfig(_Section):
+class RSSFTConfig(TrainerSection):
     """Rejection-sampling fine-tuning: the best of the N candidates by the combined reward, then SFT."""
 
     epochs: float = Field(1.0, gt=0)
@@ -314,9 +319,6 @@ class RSSFTConfig(_Section):
     batch_size: int = Field(16, ge=1)
     max_length: int = Field(1024, ge=16)
     min_score: float | None = Field(None, description="Keep a best candidate only if its combined score is at least this.")
-
-
-Trainer = Literal["dpo", "ppo", "grpo", "rloo", "rs-sft", "sft"]
 
 
 class LaunchConfig(_Section):
@@ -330,7 +332,8 @@ class LaunchConfig(_Section):
 
 
 class TrainConfig(_Section):
-    trainer: Trainer | list[Trainer] = Field("dpo", description="One trainer, or a list with one per iteration.")
+    trainer: str | list[str] = Field("dpo", description="One trainer, or a list with one per iteration: dpo, ppo, grpo, "
+                                                      "rloo, rs-sft, sft (flywheel/training/).")
     launch: LaunchConfig = LaunchConfig()
 
     def trainer_for(self, iteration: int) -> str:
@@ -355,6 +358,15 @@ class FlywheelConfig(_Section):
     rloo: OnlineRLConfig = OnlineRLConfig()
     rs_sft: RSSFTConfig = RSSFTConfig()
     monitors: MonitorsConfig = MonitorsConfig()
+
+    @model_validator(mode="after")
+    def _trainers_known(self) -> "FlywheelConfig":
+        names = [self.train.trainer] if isinstance(self.train.trainer, str) else self.train.trainer
+        known = sorted(k.replace("_", "-") for k, v in self if isinstance(v, TrainerSection))
+        unknown = [n for n in names if n not in known]
+        if unknown or not names:
+            raise ValueError(f"train.trainer: unknown trainer(s) {unknown or names}; known: {known}")
+        return self
 
     @model_validator(mode="after")
     def _signals_known(self) -> "FlywheelConfig":

@@ -7,7 +7,9 @@ After a stage's work succeeds, `run_stage` calls `freeze_stage_outputs`, which w
 
 to `<registry>/datasets/<name>/<version_id>.parquet` and records it in `dataset_versions`. The version id is the
 name plus a prefix of the content hash: the sha256 of the rows' canonical JSON (DuckDB `to_json` of each row, in key
-order, concatenated), computed from the written file. Volatile columns (created_at, run_id, the run's config hash)
+order, concatenated), computed from the written file, or, when the stage left its rows ready (`prepared_rows`, the
+pairs stage does) and every column reads back from Parquet unchanged, from those rows as they are written: the same
+hash, without a second pass over the file. Volatile columns (created_at, run_id, the run's config hash)
 are left out, so freezing the same rows again gives the same version and no new row. `derived_from` lists the
 versions of the stages named in the stage's inputs; `code_hash` is the hash of the flywheel package's source (every
 `flywheel/**/*.py`), so a version records the exact code that first froze it.
@@ -93,6 +95,9 @@ JOIN candidates rj ON rj.candidate_id = v.rejected_id
 ORDER BY v.pair_id
 """
 
+# zstd level 1: about a third faster to write than DuckDB's default level and, on text columns, no larger. The level
+# changes the file's bytes, never its content, so version ids (content hashes) do not depend on it.
+PARQUET_OPTIONS = "FORMAT parquet, COMPRESSION zstd, COMPRESSION_LEVEL 1"
 _STAGE_RUN_ID = re.compile(r"^[A-Za-z0-9_.-]+-[0-9a-f]{16}$")
 HASH_BATCH_ROWS = 100_000
 
@@ -117,18 +122,22 @@ def code_hash() -> str:
 def file_content_sha256(path: Path) -> tuple[str, int]:
     """(sha256, rows) of a Parquet file's content: each row's canonical JSON, in file order, concatenated.
     Streams the file through an in-memory DuckDB, so memory stays flat however large the file is."""
-    h = hashlib.sha256()
-    rows = 0
     con = duckdb.connect()
     try:
         con.execute("SET enable_progress_bar = false")
-        reader = con.sql("SELECT to_json(t)::VARCHAR AS j FROM read_parquet($path) t",
-                         params={"path": str(path)}).to_arrow_reader(HASH_BATCH_ROWS)
-        for batch in reader:
-            _update_with_strings(h, batch.column(0))
-            rows += batch.num_rows
+        return _json_rows_sha256(con.sql("SELECT to_json(t)::VARCHAR AS j FROM read_parquet($path) t",
+                                         params={"path": str(path)}))
     finally:
         con.close()
+
+
+def _json_rows_sha256(rel: duckdb.DuckDBPyRelation) -> tuple[str, int]:
+    """(sha256, rows) of a one-column relation of JSON strings, streamed in batches, in order."""
+    h = hashlib.sha256()
+    rows = 0
+    for batch in rel.to_arrow_reader(HASH_BATCH_ROWS):
+        _update_with_strings(h, batch.column(0))
+        rows += batch.num_rows
     return h.hexdigest(), rows
 
 
@@ -154,19 +163,49 @@ def _sql_path(path: Path) -> str:
     return "'" + str(path).replace("'", "''") + "'"
 
 
+def prepared_rows(stage_run_id: str) -> str:
+    """The temp table (a quoted name) in which a stage's work may leave the rows of the datasets the stage produces,
+    in the order their DATASET_SQL gives them, with a column of the same name for each dataset column (others are
+    ignored). `freeze_stage_outputs` then writes and hashes those rows instead of querying the registry again, and
+    drops the table. The pairs stage does: it has just joined its pairs to their texts. The rows must be exactly those
+    DATASET_SQL gives (`restore_version` rebuilds a version from it), and the version id is the same either way."""
+    return '"' + f"stage_rows:{stage_run_id}".replace('"', '""') + '"'
+
+
+# Column types whose to_json is the same read back from Parquet as in the table written: rows of only these types are
+# hashed as they are written, not read back from the file (a second pass over it, decompressing every value).
+_ROUND_TRIP_TYPES = {"VARCHAR", "DOUBLE", "INTEGER", "BIGINT", "BOOLEAN"}
+
+
+def _prepared_select(reg: Registry, name: str, stage_run_id: str, rows: str) -> tuple[str, bool]:
+    """(SELECT of dataset `name`'s columns from the prepared table `rows`, cast to the types DATASET_SQL gives,
+    whether every column's type reads back from Parquet as it was written)."""
+    rel = reg.con.sql(DATASET_SQL[name], params={"sid": stage_run_id})  # bound, not run: its columns and types
+    cols = [(c, str(t)) for c, t in zip(rel.columns, rel.types)]
+    select = ", ".join(f'CAST("{c}" AS {t}) AS "{c}"' for c, t in cols)
+    return f"SELECT {select} FROM {rows}", all(t in _ROUND_TRIP_TYPES for _, t in cols)
+
+
 def freeze_dataset(reg: Registry, name: str, stage_run_id: str, *, run_id: str, iteration: int,
-                   derived_from: list[str], config_hash: str) -> str:
+                   derived_from: list[str], config_hash: str, rows: str | None = None) -> str:
     """Freeze one dataset of stage run `stage_run_id` and return its version id (an existing one if the same rows
-    were frozen before; a missing file of that version is put back)."""
+    were frozen before; a missing file of that version is put back). `rows`: a `prepared_rows` table to write the
+    rows from, instead of DATASET_SQL."""
     if name not in DATASET_SQL:
         raise DatasetError(f"unknown dataset {name!r}; known: {sorted(DATASET_SQL)}")
     folder = reg.root / "datasets" / name
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f".tmp-{stage_run_id}-{os.getpid()}.parquet"
     try:
-        reg.con.execute(f"COPY ({DATASET_SQL[name]}) TO {_sql_path(tmp)} (FORMAT parquet, COMPRESSION zstd)",
-                        {"sid": stage_run_id})
-        sha, num_rows = file_content_sha256(tmp)
+        if rows is None:
+            source, params, hash_as_written = DATASET_SQL[name], {"sid": stage_run_id}, False
+        else:
+            (source, hash_as_written), params = _prepared_select(reg, name, stage_run_id, rows), None
+        reg.con.execute(f"COPY ({source}) TO {_sql_path(tmp)} ({PARQUET_OPTIONS})", params)
+        if hash_as_written:  # the rows just written, in the same order: the hash the file gives, without reading it
+            sha, num_rows = _json_rows_sha256(reg.con.sql(f"SELECT to_json(t)::VARCHAR AS j FROM ({source}) t"))
+        else:
+            sha, num_rows = file_content_sha256(tmp)
         version_id = f"{name}-{sha[:16]}"
         known = reg.rows("SELECT path FROM dataset_versions WHERE version_id = ?", [version_id])
         path = reg.root / known[0]["path"] if known else dataset_path(reg, name, version_id)
@@ -251,11 +290,19 @@ def freeze_stage_outputs(reg: Registry, stage: str, stage_run_id: str, *, run_id
         return {}
     upstream_sids = sorted(set(_stage_run_ids(inputs)) - {stage_run_id})
     upstream = sorted({v for versions in stage_versions(reg, upstream_sids).values() for v in versions.values()})
+    rows = prepared_rows(stage_run_id)
+    prepared = reg.scalar("SELECT count(*) FROM duckdb_tables() WHERE temporary AND table_name = ?",
+                          [rows[1:-1].replace('""', '"')]) > 0
     out: dict[str, str] = {}
-    for name in names:
-        derived = [out["pairs"]] if name == "train" else upstream  # the training set is the pairs, with their texts
-        out[name] = freeze_dataset(reg, name, stage_run_id, run_id=run_id, iteration=iteration,
-                                   derived_from=derived, config_hash=config_hash)
+    try:
+        for name in names:
+            derived = [out["pairs"]] if name == "train" else upstream  # the training set is the pairs, with texts
+            out[name] = freeze_dataset(reg, name, stage_run_id, run_id=run_id, iteration=iteration,
+                                       derived_from=derived, config_hash=config_hash,
+                                       rows=rows if prepared else None)
+    finally:
+        if prepared:
+            reg.con.execute(f"DROP TABLE IF EXISTS {rows}")
     return out
 
 

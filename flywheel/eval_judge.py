@@ -7,9 +7,10 @@ human-ranked Open Assistant replies; ../shared/METHOD.md).
 
 `flywheel eval judge` (flywheel/commands/eval.py) runs both and prints the report. Definitions:
 - A reply's judge score is the mean of its `judge.samples` parsed verdicts (`score_parser.parse_score`); with
-  `judge.mode: prob`, the expected score from one forward pass (`judge.prob_verdict`, one "sample" per reply). A reply
-  with no valid verdict (or too little probability on "0".."5": `low_prob_mass`) is *unscored*: left out of every
-  metric and counted, never scored 0. A reply with no human rank is *unranked*: not judged, counted.
+  `judge.mode: prob`, the expected score from one forward pass (`judge.prob_verdict`, one "sample" per reply); both
+  through `judge.verdicts`, as the judge stage judges. A reply with no valid verdict (or too little probability on
+  "0".."5": `low_prob_mass`) is *unscored*: left out of every metric and counted, never scored 0. A reply with no
+  human rank is *unranked*: not judged, counted.
 - Pairwise accuracy: over all pairs of scored replies to the same prompt that humans ranked differently (rank 0 is
   best), the share the judge orders the same way. Pairs the judge scores equally are *judge ties*, reported
   separately: `pairwise_accuracy` leaves them out (agree / (agree + disagree)), and `pairwise_accuracy_ties_as_wrong`
@@ -31,7 +32,7 @@ from typing import Mapping, Sequence
 
 from scipy import stats
 
-from .config import ConfigError, FlywheelConfig, content_hash
+from .config import FlywheelConfig, content_hash
 from .seeds import RankedPrompt
 
 
@@ -132,46 +133,30 @@ def judge_ranked(cfg: FlywheelConfig, ranked: list[RankedPrompt], model_path: st
     reply, `cfg.judge.samples` samples through the configured backend (`cfg.generate`), parsed and averaged; in
     `judge.mode: prob`, one forward pass and the expected score. Unranked replies are listed with no score and not
     judged."""
-    from .backends import SamplingParams, make_backend
-    from .judge import PROB_PREFIX, SCORE_CHOICES, check_judge, prob_verdict
+    from .backends import make_backend
+    from .judge import check_judge, verdicts
     from .models import resolve_device
     from .progress import progress
-    from .score_parser import parse_score
+    from .stage import read_template
 
     check_judge(cfg)
     c = cfg.judge
-    if not Path(c.template).is_file():
-        raise ConfigError(f"judge.template: template file not found: {c.template}")
-    template = Path(c.template).read_text(encoding="utf-8")
+    template = read_template(c.template, "judge.template")
     out: list[JudgedReply] = []
-    todo: list[tuple[JudgedReply, str]] = []  # (reply, judge prompt) for each ranked reply
+    todo: list[tuple[JudgedReply, tuple[str, str]]] = []  # (reply, (instruction, reply text)) for each ranked reply
     for key, p in zip(prompt_keys(ranked), ranked):
         for j, reply in enumerate(p.replies):
             out.append(JudgedReply(key, j, reply.rank, None))
             if reply.rank is not None:
-                todo.append((out[-1], template.format(instruction=p.instruction, response=reply.text)))
+                todo.append((out[-1], (p.instruction, reply.text)))
     if not todo:
         return out
     backend = make_backend(cfg.generate, str(model_path), device or resolve_device(cfg.run.device))
-    params = SamplingParams(n=c.samples, temperature=c.temperature, top_p=c.top_p, max_new_tokens=c.max_new_tokens)
     batches = [todo[i : i + c.batch_size] for i in range(0, len(todo), c.batch_size)]
     for b, batch in enumerate(progress(batches, "judging ranked replies")):
-        if c.mode == "prob":
-            probs = backend.choice_probs([text for _, text in batch], PROB_PREFIX, SCORE_CHOICES,
-                                         batch_size=c.batch_size)
-            for (reply, _), p in zip(batch, probs):
-                reply.score, _, error = prob_verdict(p)
-                reply.sample_scores = [reply.score]
-                reply.errors = [error] if error else []
-            continue
         seed = int(content_hash(["eval-judge", b, cfg.run.seed], 8), 16)
-        gens = backend.generate([text for _, text in batch], params, seed=seed, chat=True)
-        for (reply, _), samples in zip(batch, gens):
-            parsed = [parse_score(g.text) for g in samples]
-            reply.sample_scores = [v.score for v in parsed]
-            reply.errors = [v.error for v in parsed if not v.ok]
-            valid = [v.score for v in parsed if v.ok]
-            reply.score = sum(valid) / len(valid) if valid else None
+        for (reply, _), v in zip(batch, verdicts(backend, template, [item for _, item in batch], c, seed)):
+            reply.score, reply.sample_scores, reply.errors = v.score, v.scores, [e for e in v.errors if e]
     return out
 
 

@@ -4,8 +4,8 @@
     rows = run_experiment(exp, registry_root)      # one row per (seed, variant, model)
 
 For each seed: write the world's files (`flywheel/miniworld.py`: pretraining text, seeds, prompt pool, held-out test),
-then run the flywheel once per variant (the experiment's `config` with the variant's overrides; the Prefect flow of
-`flywheel run`, all in one registry, so PT and M1 are built once per seed and shared), then score every model of
+then run the flywheel once per variant (the experiment's `config` with the variant's overrides; `flywheel.pipeline.run`,
+what `flywheel run` runs inside its Prefect flow, all in one registry, so PT and M1 are built once per seed and shared), then score every model of
 every run on the held-out test set:
 
 - `exact_match`: greedy answer == the sorted list (`miniworld.is_correct`), over the whole test set;
@@ -103,8 +103,9 @@ def variant_config(exp: ExperimentConfig, variant: str, seed: int, root: Path, f
 def score_model(cfg: FlywheelConfig, model_path: str, test: list[dict], ev: EvalConfig, seed: int) -> dict:
     """Exact match and mean length of greedy answers on `test`, and judge agreement on its first problems."""
     from .backends import SamplingParams, make_backend
+    from .judge import verdicts
     from .models import resolve_device
-    from .score_parser import parse_score
+    from .stage import read_template
 
     backend = make_backend(cfg.generate, model_path, resolve_device(cfg.run.device))
     greedy = SamplingParams(n=1, temperature=0.0, max_new_tokens=ev.max_new_tokens)
@@ -114,18 +115,13 @@ def score_model(cfg: FlywheelConfig, model_path: str, test: list[dict], ev: Eval
         answers += [g[0] for g in backend.generate([r["prompt"] for r in batch], greedy, seed=seed, chat=True)]
     correct = [is_correct(a.text, r["reference"]) for a, r in zip(answers, test)]
 
-    template = Path(cfg.judge.template).read_text(encoding="utf-8")
+    template = read_template(cfg.judge.template, "judge.template")
     rng = random.Random(f"judge-eval-{seed}")
-    items = test[:ev.judge_problems]
-    pairs = [(r["prompt"], r["reference"], near_miss(r["digits"], rng)) for r in items]
-    texts = [template.format(instruction=p, response=y) for p, right, wrong in pairs for y in (right, wrong)]
+    # (prompt, its true answer), (prompt, a near miss), for each judged problem
+    items = [(r["prompt"], y) for r in test[:ev.judge_problems] for y in (r["reference"], near_miss(r["digits"], rng))]
     j = cfg.judge
-    params = SamplingParams(n=j.samples, temperature=j.temperature, top_p=j.top_p, max_new_tokens=j.max_new_tokens)
-    scores: list[float | None] = []
-    for i in range(0, len(texts), j.batch_size):
-        for gens in backend.generate(texts[i:i + j.batch_size], params, seed=seed + i, chat=True):
-            valid = [s for s in (parse_score(g.text).score for g in gens) if s is not None]
-            scores.append(sum(valid) / len(valid) if valid else None)
+    scores = [v.score for i in range(0, len(items), j.batch_size)
+              for v in verdicts(backend, template, items[i:i + j.batch_size], j, seed + i)]
     wins = []
     for right, wrong in zip(scores[0::2], scores[1::2]):
         if right is None or wrong is None:
@@ -196,12 +192,10 @@ def model_chain(reg, run_id: str) -> list[dict]:
 
 def run_experiment(exp: ExperimentConfig, root: Path, variants: list[str] | None = None, console=None) -> list[dict]:
     """Run every (seed, variant) and score every model; returns the result rows (also written to results.json)."""
-    from flows.flywheel_flow import flywheel_flow
-
-    from .dpo import NoPairsError
+    from .pipeline import run
     from .registry import Registry
     from .runs import run_id_for
-    from .trainers import NoTrainingDataError
+    from .training import NoTrainingDataError
 
     out = exp_dir(root, exp)
     (out / "eval").mkdir(parents=True, exist_ok=True)
@@ -221,8 +215,8 @@ def run_experiment(exp: ExperimentConfig, root: Path, variants: list[str] | None
             t0 = time.perf_counter()
             stopped = None
             try:
-                flywheel_flow(cfg)
-            except (NoPairsError, NoTrainingDataError) as e:  # recorded and counted; the other variants go on
+                run(cfg)
+            except NoTrainingDataError as e:  # recorded and counted; the other variants go on
                 stopped = f"{type(e).__name__}: {e}"
                 if console:
                     console.print(f"[yellow]seed {seed} {variant} stopped:[/] {stopped}", highlight=False)

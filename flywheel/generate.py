@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from .backends import SamplingParams
 from .config import FlywheelConfig, content_hash
+from .reads import kept_prompts
 from .registry import Registry, now
 from .stage import StageResult, backend_for, batch_seed, pending_batches, run_stage
 
@@ -18,8 +19,7 @@ def generate(cfg: FlywheelConfig, run_id: str, iteration: int, model_id: str, pr
     inputs = {"model": model_id, "prompts": prompts_sid, "cfg": c.model_dump(mode="json"), "seed": cfg.run.seed}
 
     def work(reg: Registry, sid: str) -> dict:
-        prompts = reg.rows("SELECT prompt_id, text FROM prompts WHERE stage_run_id = ? AND kept ORDER BY prompt_id",
-                           [prompts_sid])
+        prompts = kept_prompts(reg, prompts_sid)
         params = SamplingParams(n=c.n, temperature=c.temperature, top_p=c.top_p, max_new_tokens=c.max_new_tokens)
         common = dict(model_id=model_id, backend=c.backend, sampling=params.as_dict(), run_id=run_id,
                       iteration=iteration, stage_run_id=sid, config_hash=cfg.config_hash())
@@ -30,7 +30,7 @@ def generate(cfg: FlywheelConfig, run_id: str, iteration: int, model_id: str, pr
         for b, batch, ids in pending_batches(reg, "generate", "candidates", "candidate_id", prompts, c.batch_size,
                                              ids_of, f"generate (iteration {iteration})"):
             seed = batch_seed(sid, b, cfg.run.seed)
-            outs = backend_for(cfg, reg, model_id).generate([p["text"] for p in batch], params, seed=seed, chat=True)
+            outs = backend_for(cfg, reg, model_id).generate([p["prompt"] for p in batch], params, seed=seed, chat=True)
             samples = [(p, j, g) for p, gens in zip(batch, outs) for j, g in enumerate(gens)]
             reg.insert("candidates", [
                 dict(candidate_id=cid, prompt_id=p["prompt_id"], sample_index=j, text=g.text, num_tokens=g.num_tokens,

@@ -9,14 +9,18 @@ begun as "Score:", and the expected score over the probabilities of "0".."5" com
 after a space token counts too, see `TransformersBackend.choice_probs`). Its raw text is those probabilities,
 renormalised, and their raw mass; when the mass is under MIN_PROB_MASS the model was not about to write a score at
 all, and the row is a parse failure ("low_prob_mass") like any other.
+
+`verdicts` is the one way anything here judges: the judge stage, `flywheel eval judge` (`eval_judge.judge_ranked`) and
+the mini-world's judge agreement (`experiment.score_model`) each call it on their own batches with their own seeds.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
-from .backends import SamplingParams
-from .config import ConfigError, FlywheelConfig, content_hash
+from .backends import GenerationBackend, SamplingParams
+from .config import ConfigError, FlywheelConfig, JudgeConfig, content_hash
 from .registry import Registry, now
 from .score_parser import parse_score
 from .stage import StageResult, backend_for, batch_seed, load_template, pending_batches, run_stage
@@ -49,6 +53,42 @@ def prob_verdict(probs: list[float]) -> tuple[float | None, str, str | None]:
     return sum(i * p for i, p in enumerate(probs)) / mass, raw, None
 
 
+def sampling_params(c: JudgeConfig) -> SamplingParams:
+    return SamplingParams(n=c.samples, temperature=c.temperature, top_p=c.top_p, max_new_tokens=c.max_new_tokens)
+
+
+@dataclass
+class Verdicts:
+    """One judged item: each sample's raw text (prob mode: one, the probabilities as JSON), parsed score (None when
+    it has no valid verdict) and parse error (None when it has one)."""
+    raw: list[str]
+    scores: list[float | None]
+    errors: list[str | None]
+
+    @property
+    def score(self) -> float | None:
+        """The mean of the valid samples' scores (prob mode: the expected score); None when none is valid."""
+        valid = [s for s, e in zip(self.scores, self.errors) if e is None]
+        return sum(valid) / len(valid) if valid else None
+
+
+def verdicts(backend: GenerationBackend, template: str, items: list[tuple[str, str]], c: JudgeConfig,
+             seed: int) -> list[Verdicts]:
+    """The judge's verdicts on (instruction, response) items, in one backend call: `template` filled with each, then
+    `c.samples` sampled replies parsed by `parse_score` (with `seed`), or in `c.mode == "prob"` one forward pass and
+    `prob_verdict`. The caller batches (`c.batch_size`) and picks the seed of each batch."""
+    texts = [template.format(instruction=x, response=y) for x, y in items]
+    if c.mode == "prob":
+        found = [prob_verdict(p) for p in backend.choice_probs(texts, PROB_PREFIX, SCORE_CHOICES,
+                                                               batch_size=c.batch_size)]
+        return [Verdicts([raw], [score], [error]) for score, raw, error in found]
+    out = []
+    for gens in backend.generate(texts, sampling_params(c), seed=seed, chat=True):
+        parsed = [parse_score(g.text) for g in gens]
+        out.append(Verdicts([g.text for g in gens], [v.score for v in parsed], [v.error for v in parsed]))
+    return out
+
+
 def judge(cfg: FlywheelConfig, run_id: str, iteration: int, model_id: str, candidates_sid: str) -> StageResult:
     check_judge(cfg)
     c = cfg.judge
@@ -63,8 +103,8 @@ def judge(cfg: FlywheelConfig, run_id: str, iteration: int, model_id: str, candi
         cands = reg.rows(
             "SELECT c.candidate_id, p.text AS instruction, c.text AS response FROM candidates c "
             "JOIN prompts p USING (prompt_id) WHERE c.stage_run_id = ? ORDER BY c.candidate_id", [candidates_sid])
-        params = SamplingParams(n=c.samples, temperature=c.temperature, top_p=c.top_p, max_new_tokens=c.max_new_tokens)
-        sampling = {"mode": "prob", "prefix": PROB_PREFIX, "choices": SCORE_CHOICES} if prob else params.as_dict()
+        sampling = ({"mode": "prob", "prefix": PROB_PREFIX, "choices": SCORE_CHOICES} if prob
+                    else sampling_params(c).as_dict())
         common = dict(judge_model_id=model_id, template_hash=template_hash, sampling=sampling, run_id=run_id,
                       iteration=iteration, stage_run_id=sid, config_hash=cfg.config_hash())
 
@@ -73,26 +113,12 @@ def judge(cfg: FlywheelConfig, run_id: str, iteration: int, model_id: str, candi
 
         for b, batch, ids in pending_batches(reg, "judge", "judgments", "judgment_id", cands, c.batch_size, ids_of,
                                              f"judge (iteration {iteration})"):
-            texts = [template.format(instruction=x["instruction"], response=x["response"]) for x in batch]
-            if prob:
-                probs = backend_for(cfg, reg, model_id).choice_probs(texts, PROB_PREFIX, SCORE_CHOICES,
-                                                                     batch_size=c.batch_size)
-                rows = []
-                for jid, x, p in zip(ids, batch, probs):
-                    score, raw, error = prob_verdict(p)
-                    rows.append(dict(judgment_id=jid, candidate_id=x["candidate_id"], sample_index=0, raw_text=raw,
-                                     score=score, parse_error=error, created_at=now(), **common))
-                reg.insert("judgments", rows)
-                continue
-            outs = backend_for(cfg, reg, model_id).generate(texts, params, seed=batch_seed(sid, b, cfg.run.seed),
-                                                            chat=True)
-            samples = [(x, k, g) for x, gens in zip(batch, outs) for k, g in enumerate(gens)]
-            rows = []
-            for jid, (x, k, g) in zip(ids, samples):
-                parsed = parse_score(g.text)
-                rows.append(dict(judgment_id=jid, candidate_id=x["candidate_id"], sample_index=k, raw_text=g.text,
-                                 score=parsed.score, parse_error=parsed.error, created_at=now(), **common))
-            reg.insert("judgments", rows)
+            found = verdicts(backend_for(cfg, reg, model_id), template,
+                             [(x["instruction"], x["response"]) for x in batch], c, batch_seed(sid, b, cfg.run.seed))
+            samples = [(x, k, *s) for x, v in zip(batch, found) for k, s in enumerate(zip(v.raw, v.scores, v.errors))]
+            reg.insert("judgments", [dict(judgment_id=jid, candidate_id=x["candidate_id"], sample_index=k, raw_text=raw,
+                                          score=score, parse_error=error, created_at=now(), **common)
+                                     for jid, (x, k, raw, score, error) in zip(ids, samples)])
         row = reg.rows(
             "SELECT count(*) AS samples, count(score) AS parsed, avg(score) AS mean_score, "
             "count(DISTINCT candidate_id) FILTER (WHERE score IS NOT NULL) AS scored_candidates "

@@ -19,14 +19,13 @@ from rich.tree import Tree
 
 from .datasets import stage_versions
 from .registry import Registry
+from .training import TRAINERS
 
-# Trainers that consume the pairs of their iteration (a model of another kind is linked by its dataset_version).
-PAIR_TRAINER_KINDS = ("dpo",)
+# Trainers that consume the pairs of their iteration (a model of another kind is linked by its dataset_version), and
 # kind -> (stage, dataset) a model of that kind was trained on, used when its dataset_version names no version in the
-# manifest: DPO on its iteration's train set, SFT (M1) on the seeds, the online trainers on the iteration's prompts.
-TRAINED_ON = {"dpo": ("pairs", "train"), "sft": ("seeds", "seeds"), "ppo": ("self_instruct", "prompts"),
-              "grpo": ("self_instruct", "prompts"), "rloo": ("self_instruct", "prompts"),
-              "rs-sft": ("judge", "judgments")}
+# manifest: both from the trainer table.
+PAIR_TRAINER_KINDS = tuple(name for name, t in TRAINERS.items() if "pairs" in t.consumes)
+TRAINED_ON = {name: t.trained_on for name, t in TRAINERS.items()}
 
 MODEL_COLS = "model_id, name, kind, iteration, run_id, parent_id, ref_model_id, dataset_version, stage_run_id, path"
 

@@ -87,14 +87,17 @@ def build_tiny_model(cfg: TinyModelConfig, tokenizer: PreTrainedTokenizerFast, s
     return LlamaForCausalLM(config)
 
 
-def load(path: str | Path, device: str = "cpu"):
-    """(model, tokenizer) from a saved folder or a hub id, ready for generation (eval mode, left padding)."""
+def load(path: str | Path, device: str = "cpu", train: bool = False):
+    """(model, tokenizer) from a saved folder or a hub id, left padding, bfloat16 on CUDA. The one model loader.
+    For generation (default): on `device`, eval mode. For training (`train=True`): left on the CPU in train mode,
+    since the Trainer (or DeepSpeed) places it, one device per process under `accelerate launch`."""
     tokenizer = AutoTokenizer.from_pretrained(str(path), padding_side="left")
     if tokenizer.pad_token is None:  # many base models ship without one
         tokenizer.pad_token = tokenizer.eos_token
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device)
-    model.eval()
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    if not train:
+        model = model.to(device).eval()
     return model, tokenizer
 
 

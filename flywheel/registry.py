@@ -3,7 +3,7 @@
 Layout under the registry root (default `data_registry/`):
     flywheel.duckdb        the tables below
     models/<model_id>/     saved models (written to a temp folder, renamed into place, then registered)
-    snapshots/<name>/      immutable Parquet files (e.g. each iteration's training pairs)
+    datasets/<name>/       immutable, content-hashed Parquet versions of stage outputs (flywheel/datasets.py)
 
 Keys are content hashes of what determines a row (see `flywheel.config.content_hash`), so a stage that runs again
 computes the same keys, finds the rows there, and does nothing. Every data row records what produced it: run,

@@ -29,7 +29,6 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from . import summary
 from .monitors import Check, MonitorsConfig, evaluate, fired
 from .progress import grid_table
 from .registry import Registry
@@ -608,8 +607,26 @@ def plot_scores(it: dict, path: Path) -> Path:
 
 
 def bootstrap_sentence(reg: Registry, run_id: str) -> str | None:
-    zero = [it for it in summary.collect(reg, run_id) if it["iteration"] == 0]
-    return summary.bootstrap_line(zero[0]) if zero else None
+    """Iteration 0 in one sentence: seeds, base model, M1 (None before the run has any)."""
+    rows = reg.rows("SELECT rs.stage, s.stats, epoch(s.finished_at) - epoch(s.started_at) AS seconds "
+                    "FROM run_stages rs JOIN stage_runs s USING (stage_run_id) "
+                    "WHERE rs.run_id = ? AND rs.iteration = 0", [run_id])
+    if not rows:
+        return None
+    s = {r["stage"]: json.loads(r["stats"] or "{}") for r in rows}
+    sft, base = s.get("sft", {}), s.get("base", {})
+    params = f" ({base['parameters']:,} parameters)" if "parameters" in base else ""
+    loss = f", loss {sft['train_loss']:.3f}" if "train_loss" in sft else ""
+    seconds = sum(r["seconds"] or 0.0 for r in rows)
+    return (f"{s.get('seeds', {}).get('seeds', '?')} seeds; PT{params} -> M1 by SFT on {sft.get('ift', '?')} IFT + "
+            f"{sft.get('eft', 0)} EFT examples{loss} ({seconds:.0f} s)")
+
+
+def models_of(reg: Registry, run_id: str) -> list[dict]:
+    """The run's models (PT, M1, M2, ...) with their folders, oldest first."""
+    return reg.rows("SELECT m.name, m.path FROM models m WHERE m.stage_run_id IN "
+                    "(SELECT stage_run_id FROM run_stages WHERE run_id = ?) ORDER BY m.iteration, m.created_at",
+                    [run_id])
 
 
 def markdown(reg: Registry, run_id: str) -> str:

@@ -14,13 +14,13 @@ from __future__ import annotations
 import logging
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
 from . import timing
 from .backends import GenerationBackend, make_backend
-from .config import FlywheelConfig, content_hash
+from .config import ConfigError, FlywheelConfig, content_hash
 from .datasets import freeze_stage_outputs
 from .models import apply_threads, resolve_device
 from .progress import progress
@@ -36,6 +36,69 @@ class StageResult:
     stats: dict = field(default_factory=dict)
     skipped: bool = False
     seconds: float = 0.0
+
+    @property
+    def model_id(self) -> str | None:
+        """The model a trainer stage made (M1, M_{t+1}, the base); None for a data stage."""
+        return self.stats.get("model_id")
+
+
+# --- the contract every stage has in the pipeline (flywheel/pipeline.py) --------------------------------------------
+
+@dataclass(frozen=True)
+class StageContext:
+    """What a stage runs in: the config, the run, the iteration (0 for seeds, base and M1)."""
+
+    cfg: FlywheelConfig
+    run_id: str
+    iteration: int = 0
+
+    def registry(self) -> Registry:
+        """The run's registry, opened for one use (`with ctx.registry() as reg:`): DuckDB allows one writing process,
+        so a stage holds the file only while it works and readers can get in between."""
+        return Registry(self.cfg.registry.root)
+
+
+@dataclass(frozen=True)
+class IterationState:
+    """What the stages so far produced: stage run ids of datasets and model ids. A step reads some fields and adds
+    one (`dataclasses.replace`); the pipeline carries the state from step to step."""
+
+    seeds: str | None = None              # seeds stage run
+    pt: str | None = None                 # the base model (PT)
+    m1: str | None = None                 # the SFT model, M1
+    model: str | None = None              # M_t: the model this iteration starts from
+    earlier_prompts: tuple[str, ...] = ()  # self-instruct stage runs of earlier iterations (their prompts are not repeated)
+    prompts: str | None = None            # this iteration's self-instruct stage run
+    candidates: str | None = None
+    judgments: str | None = None
+    rewards: str | None = None
+    pairs: str | None = None
+
+
+@dataclass(frozen=True)
+class Step:
+    """One stage as the pipeline sees it: its name (the ledger's), the state fields it reads and the one it adds, the
+    function that runs it, and when it runs (a predicate on the config; always by default)."""
+
+    name: str
+    consumes: tuple[str, ...]
+    produces: str
+    run: Callable[[StageContext, IterationState], StageResult]
+    when: Callable[[FlywheelConfig], bool] = lambda cfg: True
+
+    def __call__(self, ctx: StageContext, state: IterationState) -> tuple[StageResult, IterationState]:
+        missing = [f for f in self.consumes if getattr(state, f) is None and f not in OPTIONAL_INPUTS]
+        if missing:
+            raise ValueError(f"stage {self.name} (iteration {ctx.iteration}) needs {', '.join(missing)}, which no "
+                             "earlier stage produced")
+        result = self.run(ctx, state)
+        value = result.model_id if self.produces in MODEL_FIELDS else result.stage_run_id
+        return result, replace(state, **{self.produces: value})
+
+
+MODEL_FIELDS = ("pt", "m1", "model")
+OPTIONAL_INPUTS = ("judgments", "rewards")  # pairs and RS-SFT combine whichever signals ran
 
 
 def stage_run_id(stage: str, inputs: dict) -> str:
@@ -99,12 +162,17 @@ def backend_for(cfg: FlywheelConfig, reg: Registry, model_id: str) -> Generation
     return make_backend(cfg.generate, reg.model(model_id)["path"], resolve_device(cfg.run.device))
 
 
-def load_template(reg: Registry, path, name: str) -> tuple[str, str]:
-    """(text, hash) of a prompt template file, registered in the registry under its content hash."""
+def read_template(path, setting: str = "template") -> str:
+    """The text of a prompt template file; a ConfigError naming the `setting` it came from when there is none."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"prompt template not found: {path}")
-    text = path.read_text(encoding="utf-8")
+        raise ConfigError(f"{setting}: template file not found: {path}")
+    return path.read_text(encoding="utf-8")
+
+
+def load_template(reg: Registry, path, name: str) -> tuple[str, str]:
+    """(text, hash) of a prompt template file (`read_template`), registered in the registry under its content hash."""
+    text = read_template(path, f"{name} template")
     template_hash = content_hash(text)
     reg.register_template(template_hash, name, text)
     return text, template_hash

@@ -12,7 +12,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 # Tiny models on 2 cores: one torch thread is faster than two fighting over the cores (and each subprocess inherits it).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO  # noqa: E402 (after the environment above)
 
 
 @pytest.fixture(autouse=True)
@@ -40,3 +40,20 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def cfg(tmp_path):
+    """The default config with its registry in this test's own temporary folder."""
+    from flywheel.config import load_config
+
+    return load_config(None, [f"registry.root={tmp_path}"])
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(tmp_path_factory) -> Path:
+    """A random tiny Llama with its seed-trained tokenizer (tests/helpers/models.py), saved once for the session.
+    Read it only: a test that changes a model makes its own (save_random_tiny_model)."""
+    from tests.helpers.models import save_random_tiny_model
+
+    return save_random_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny")

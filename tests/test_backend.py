@@ -5,14 +5,14 @@ import pytest
 
 from flywheel.backends import SamplingParams, TransformersBackend, make_backend, release_backends
 from flywheel.config import GenerateConfig
-from tests.tiny import save_random_tiny_model
+from tests.helpers.models import save_random_tiny_model
 
 PROMPTS = ["What is a noun?", "List three colours.", "Explain why ice floats on water, briefly please."]
 
 
 @pytest.fixture(scope="module")
-def backend(tmp_path_factory):
-    return TransformersBackend(str(save_random_tiny_model(tmp_path_factory.mktemp("m") / "tiny")), "cpu")
+def backend(tiny_model_path):
+    return TransformersBackend(str(tiny_model_path), "cpu")
 
 
 def test_n_samples_per_prompt_and_token_limits(backend):

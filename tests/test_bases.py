@@ -17,7 +17,7 @@ from flywheel.bases import BUILTIN, Builtin, resolve_base
 from flywheel.bootstrap import build_base
 from flywheel.config import ConfigError, load_config
 from flywheel.models import load, save_atomically
-from tests.tiny import save_random_tiny_model
+from tests.helpers.models import save_random_tiny_model
 
 
 def write_gguf(path, arch="llama", qtype=GGMLQuantizationType.Q8_0):
@@ -36,6 +36,7 @@ def test_tiny_needs_nothing():
     assert (spec.kind, spec.path, spec.sha256) == ("tiny", None, None)
 
 
+@pytest.mark.slow  # hashes the real model's GGUF file
 def test_builtin_name_resolves_to_the_installed_gguf_and_its_hash():
     spec = resolve_base("smollm2-135m-instruct")
     assert spec.kind == "gguf" and spec.path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and spec.path.is_file()
@@ -95,6 +96,7 @@ def test_folder_without_config_or_weights(tmp_path):
         resolve_base(str(tmp_path))
 
 
+@pytest.mark.slow  # a real `flywheel run` in a subprocess
 def test_cli_refuses_a_bad_base_before_any_work(tmp_path):
     out = subprocess.run([sys.executable, "-m", "flywheel.cli", "run", "--config", "configs/tiny.yaml",
                           f"registry.root={tmp_path}", f"model.base={tmp_path / 'missing.gguf'}"],

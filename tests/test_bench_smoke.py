@@ -13,7 +13,9 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO
+from tests.helpers import REPO
+
+pytestmark = pytest.mark.slow  # every bench/ script in a subprocess
 
 
 def run_bench(script: str, *args: str, env: dict | None = None) -> list[list[str]]:

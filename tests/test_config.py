@@ -67,6 +67,7 @@ def test_bad_files(tmp_path):
         load_config(listy)
 
 
+@pytest.mark.slow  # a real `flywheel run` in a subprocess
 def test_cli_reports_a_bad_config_without_a_traceback(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "flywheel.cli", "run", "--config", "configs/demo.yaml", "generate.n=abc",
@@ -79,6 +80,7 @@ def test_cli_reports_a_bad_config_without_a_traceback(tmp_path):
     assert not (tmp_path / "flywheel.duckdb").exists()  # the run did not start
 
 
+@pytest.mark.slow  # a real `flywheel run` in a subprocess
 def test_cli_reports_a_bad_seed_file(tmp_path):
     seeds = tmp_path / "seeds.jsonl"
     seeds.write_text('{"instruction": "a", "response": "b"}\n{"instruction": "no response"}\n')

@@ -13,6 +13,8 @@ from flywheel.cli import main as cli_main
 from flywheel.config import load_config
 from flywheel.registry import Registry
 
+pytestmark = pytest.mark.slow  # the real Prefect flow: tokenizer, pretraining, SFT and DPO on a tiny model
+
 TABLES = ["runs", "iterations", "stage_runs", "run_stages", "templates", "models", "prompts", "candidates",
           "judgments", "pairs"]
 
@@ -118,7 +120,7 @@ def test_running_again_through_the_cli_changes_nothing(finished_run, capsys):
         assert reg.rows("SELECT stage_run_id, finished_at FROM stage_runs ORDER BY 1") == finished
     out = capsys.readouterr().out
     assert run_id in out and "M2 -> M3" in out and "parse failures" in out
-    assert (Path(cfg.registry.root) / "runs" / run_id / "summary.md").is_file()
+    assert (Path(cfg.registry.root) / "runs" / run_id / "report.md").is_file()
 
 
 def test_a_new_judge_setting_reuses_prompts_and_candidates(finished_run, prefect_api):

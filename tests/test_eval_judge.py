@@ -67,7 +67,7 @@ def judge_model(tmp_path_factory):
     'Score: <0-5>' (the digit random), so it emits parseable, arbitrary verdicts."""
     from flywheel.models import load, save_atomically
     from flywheel.seeds import load_seed_data
-    from tests.tiny import save_random_tiny_model, teach_score_format
+    from tests.helpers.models import save_random_tiny_model, teach_score_format
 
     root = tmp_path_factory.mktemp("judge")
     model, tok = load(save_random_tiny_model(root / "random"), "cpu")
@@ -88,6 +88,7 @@ def _eval(capsys, root, *extra):
     return code, capsys.readouterr().out
 
 
+@pytest.mark.slow  # a tiny model taught the verdict format
 def test_cli_scores_every_ranked_reply_and_counts_right(judge_model, capsys):
     code, out = _eval(capsys, judge_model, "--model", str(judge_model / "judge"), "--json")
     assert code == 0
@@ -120,6 +121,7 @@ def test_cli_scores_every_ranked_reply_and_counts_right(judge_model, capsys):
     assert "reported separately" in result["ties"]
 
 
+@pytest.mark.slow  # a tiny model taught the verdict format
 def test_cli_with_an_untrained_model_excludes_what_it_cannot_score(judge_model, capsys):
     code, out = _eval(capsys, judge_model, "--model", str(judge_model / "random"), "--json")
     m = json.loads(out)["metrics"]
@@ -130,6 +132,7 @@ def test_cli_with_an_untrained_model_excludes_what_it_cannot_score(judge_model, 
         assert m["pairs"] == 0 and m["pairwise_accuracy"] is None and m["spearman"] is None
 
 
+@pytest.mark.slow  # a tiny model taught the verdict format
 def test_cli_finds_a_registered_model_by_name_and_prints_a_table(judge_model, capsys, tmp_path):
     reg_root = tmp_path / "reg"
     with Registry(reg_root) as reg:
@@ -145,6 +148,13 @@ def test_cli_finds_a_registered_model_by_name_and_prints_a_table(judge_model, ca
     assert code == 2 and "no registry at" in out
     code, out = _eval(capsys, judge_model, "--model", str(tmp_path))
     assert code == 2 and "holds no config.json" in out
+
+
+@pytest.mark.slow  # a tiny model taught the verdict format
+def test_cli_names_a_missing_template_before_loading_the_model(judge_model, capsys, tmp_path):
+    code = main(["eval", "judge", "--data", "tests/fixtures/seeds/oasst.jsonl", "--model", str(judge_model / "judge"),
+                 f"judge.template={tmp_path / 'none.txt'}"])
+    assert code == 2 and f"judge.template: template file not found: {tmp_path / 'none.txt'}" in capsys.readouterr().out
 
 
 def test_cli_refuses_data_without_rankings(capsys, tmp_path):

@@ -9,15 +9,16 @@ import pytest
 import torch
 
 from flywheel import judge
-from flywheel.backends import OpenAIBackend, TransformersBackend, release_backends
+from flywheel.backends import Generation, OpenAIBackend, TransformersBackend, release_backends
 from flywheel.cli import main
 from flywheel.config import ConfigError, OpenAIBackendConfig, load_config
 from flywheel.eval_judge import Agreement, agreement, by_prompt, judge_ranked
-from flywheel.judge import MIN_PROB_MASS, PROB_PREFIX, SCORE_CHOICES, check_judge, prob_verdict
+from flywheel.judge import (MIN_PROB_MASS, PROB_PREFIX, SCORE_CHOICES, Verdicts, check_judge, prob_verdict,
+                            verdicts)
 from flywheel.models import load, save_atomically
 from flywheel.registry import Registry, now
 from flywheel.seeds import load_seed_data
-from tests.tiny import save_random_tiny_model, teach_score_format
+from tests.helpers.models import save_random_tiny_model, teach_score_format
 
 COMPACT = "prompts/judge_compact.txt"
 OASST = "tests/fixtures/seeds/oasst.jsonl"
@@ -60,6 +61,7 @@ def backends(models):
 
 
 # --- the backend ------------------------------------------------------------------------------------------------------
+@pytest.mark.slow  # a tiny model taught the verdict format
 def test_choice_probs_are_raw_probabilities_batched_like_alone(backends):
     texts = [_fill(p, "Some reply.") for p in PROMPTS]
     for backend in backends.values():
@@ -73,6 +75,7 @@ def test_choice_probs_are_raw_probabilities_batched_like_alone(backends):
             assert a == pytest.approx(b, abs=1e-5)
 
 
+@pytest.mark.slow  # a tiny model taught the verdict format
 def test_choice_probs_count_the_choice_with_and_without_a_space(backends):
     """Against two plain unbatched passes. This tokenizer writes " 1".." 4" as one token each, but " 0" and " 5" as a
     space token then the digit: p(" 0") is p(space) * p("0" after the space), never p(space) alone (it would count
@@ -121,6 +124,35 @@ def test_prob_verdict_is_the_expected_score_of_the_renormalised_probabilities():
         prob_verdict([0.5, 0.5])
 
 
+def test_verdicts_fill_the_template_and_parse_or_take_the_expected_score():
+    """`judge.verdicts`, the one judging function of the judge stage, eval judge and the experiment, on a fake
+    backend: the filled prompts, the seed and the sampling it passes, the per-sample scores and errors, the mean."""
+    seen = {}
+
+    class Fake:
+        def generate(self, prompts, params, *, seed, chat):
+            seen.update(prompts=prompts, n=params.n, seed=seed, chat=chat)
+            return [[Generation(t, 2, "stop") for t in texts]
+                    for texts in (["Score: 4", "Score: 2", "no verdict"], ["Score: 9", "", "Score: 3"])][:len(prompts)]
+
+        def choice_probs(self, prompts, prefix, choices, *, batch_size):
+            seen.update(prompts=prompts, prefix=prefix, batch_size=batch_size)
+            return [[0.0, 0, 0, 0, 0, 0.9], [0.008] * 6][:len(prompts)]
+
+    cfg = load_config(None, ["judge.samples=3", "judge.batch_size=5"])
+    found = verdicts(Fake(), "Q={instruction} R={response}", [("a", "b"), ("c", "d")], cfg.judge, 7)
+    assert seen == {"prompts": ["Q=a R=b", "Q=c R=d"], "n": 3, "seed": 7, "chat": True}
+    assert found[0] == Verdicts(["Score: 4", "Score: 2", "no verdict"], [4.0, 2.0, None], [None, None, "no_score"])
+    assert found[0].score == 3.0
+    assert found[1].errors == ["out_of_range", "empty", None] and found[1].score == 3.0
+    prob = verdicts(Fake(), "{instruction}{response}", [("a", "b"), ("c", "d")],
+                    cfg.judge.model_copy(update={"mode": "prob"}), 7)
+    assert seen["prefix"] == PROB_PREFIX and seen["batch_size"] == 5
+    assert [(v.scores, v.errors, v.score) for v in prob] == [([5.0], [None], 5.0), ([None], ["low_prob_mass"], None)]
+    assert prob[0].raw == ['{"probs":[0.0,0.0,0.0,0.0,0.0,1.0],"mass":0.9}']
+
+
+@pytest.mark.slow  # a tiny model taught the verdict format
 def test_expected_score_from_a_real_model_matches_the_hand_computation(backends):
     probs = backends["taught"].choice_probs([_fill(p, "An answer.") for p in PROMPTS], PROB_PREFIX, SCORE_CHOICES,
                                             batch_size=3)
@@ -166,6 +198,7 @@ def _judgments(cfg, sid):
                         "ORDER BY candidate_id, sample_index", [sid])
 
 
+@pytest.mark.slow  # a tiny model taught the verdict format
 @pytest.mark.parametrize("name", ["taught", "random"])
 def test_judge_stage_in_prob_mode_writes_one_row_per_candidate(tmp_path, models, backends, name):
     cfg = _stage_config(tmp_path, models[name], "judge.mode=prob", "judge.samples=3")
@@ -200,6 +233,7 @@ def test_judge_stage_in_prob_mode_writes_one_row_per_candidate(tmp_path, models,
     assert len(_judgments(cfg, result.stage_run_id)) == 5
 
 
+@pytest.mark.slow  # a tiny model taught the verdict format
 def test_judge_stage_mode_is_part_of_its_key_and_sample_mode_keeps_k_samples(tmp_path, models):
     cfg = _stage_config(tmp_path, models["random"], "judge.samples=2")
     sampled = judge.judge(cfg, "r", 1, "m", "gen")
@@ -213,6 +247,7 @@ def test_judge_stage_mode_is_part_of_its_key_and_sample_mode_keeps_k_samples(tmp
     assert not prob.skipped and prob.stage_run_id != sampled.stage_run_id and prob.stats["samples"] == 5
 
 
+@pytest.mark.slow  # a tiny model taught the verdict format
 def test_judge_stage_resumes_a_half_done_prob_run(tmp_path, models):
     cfg = _stage_config(tmp_path, models["taught"], "judge.mode=prob")
     first = judge.judge(cfg, "r", 1, "m", "gen")
@@ -241,6 +276,7 @@ def test_check_judge_refuses_prob_mode_on_a_backend_without_probabilities(tmp_pa
 
 
 # --- eval judge -------------------------------------------------------------------------------------------------------
+@pytest.mark.slow  # a tiny model taught the verdict format
 def test_eval_judge_in_prob_mode_scores_each_reply_once(models):
     cfg = load_config(None, ["run.device=cpu", "judge.mode=prob", f"judge.template={COMPACT}", "judge.batch_size=8"])
     replies = judge_ranked(cfg, load_seed_data(OASST).ranked, str(models["taught"]))
@@ -255,6 +291,7 @@ def test_eval_judge_in_prob_mode_scores_each_reply_once(models):
     assert report.pairs > 0 and report.agree + report.disagree + report.judge_ties == report.pairs
 
 
+@pytest.mark.slow  # a tiny model taught the verdict format
 def test_eval_judge_cli_in_prob_mode(models, capsys):
     code = main(["eval", "judge", "--data", OASST, "--model", str(models["random"]), "--json", "run.device=cpu",
                  "judge.mode=prob", f"judge.template={COMPACT}", "judge.batch_size=8"])

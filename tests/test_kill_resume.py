@@ -1,7 +1,7 @@
 """Kill -9 a real run at four points, resume it, and check it ends exactly as a run that was never interrupted.
 
 One uninterrupted reference run (seeds -> PT -> M1 -> self-instruct -> generate -> judge -> reward -> pairs -> DPO on
-a tiny model, the stages of `flows/flywheel_flow.py` called in the same order without Prefect) is copied after each
+a tiny model, `flywheel.pipeline.run` without Prefect) is copied after each
 stage. Each test forks the copy taken just before its kill point, runs the stages in a real subprocess, kills it with
 SIGKILL at that point, resumes, and compares every table with the reference (less timestamps and timing stats), the
 model weights byte for byte, and checks that no table has two rows with one key and that every registered model
@@ -26,23 +26,14 @@ from pathlib import Path
 
 import pytest
 
-from flywheel import bootstrap, dpo, generate, judge, pairs, reward_stage, runs, self_instruct
+from flywheel import pipeline
 from flywheel.config import FlywheelConfig, load_config
 from flywheel.registry import Registry
+from tests.helpers.models import tiny_overrides
+
+pytestmark = pytest.mark.slow  # real runs in subprocesses, killed and resumed
 
 REPO = Path(__file__).resolve().parents[1]
-OVERRIDES = [
-    "run.device=cpu", "run.iterations=1", "seeds.eft=false",
-    "model.tiny.vocab_size=400", "model.tiny.hidden_size=32", "model.tiny.intermediate_size=64",
-    "model.tiny.num_layers=1", "model.tiny.pretrain_steps=0", "model.tiny.max_position=256",
-    "sft.epochs=1", "sft.batch_size=8", "sft.max_length=128",
-    "self_instruct.num_prompts=24", "self_instruct.batch_size=6", "self_instruct.few_shot=2",
-    "self_instruct.seed_shots=2", "self_instruct.max_new_tokens=16", "self_instruct.dedup_threshold=1.0",
-    "generate.n=2", "generate.max_new_tokens=12", "generate.batch_size=2",
-    "judge.samples=2", "judge.max_new_tokens=8", "judge.batch_size=3",
-    "reward.coherent=true", "reward.weights={judge: 0.0, coherent: 1.0}", "reward.batch_size=8",
-    "dpo.epochs=1", "dpo.batch_size=8", "dpo.max_length=128",
-]
 # Timestamps, timings, and the hash of the flywheel source a process ran (a fork's stages run in another process; in a
 # working tree being edited, its code may differ from the reference's: that is not a difference in the data).
 VOLATILE = {"created_at", "started_at", "finished_at", "stats", "metrics", "code_hash"}
@@ -50,30 +41,14 @@ STAGES = ["seeds", "base", "sft", "self_instruct", "generate", "judge", "reward"
 
 
 def run_sequence(cfg: FlywheelConfig, after=lambda stage: None) -> str:
-    """One iteration, stage by stage, as flows/flywheel_flow.py calls them; `after(stage)` once each is done."""
-    run_id = runs.start_run(cfg)
-    seeds = bootstrap.import_seeds(cfg, run_id)
-    after("seeds")
-    pt = bootstrap.build_base(cfg, run_id, seeds.stage_run_id).stats["model_id"]
-    after("base")
-    m1 = bootstrap.train_sft(cfg, run_id, pt, seeds.stage_run_id).stats["model_id"]
-    after("sft")
-    runs.start_iteration(cfg, run_id, 1, m1)
-    prompts = self_instruct.self_instruct(cfg, run_id, 1, m1, seeds.stage_run_id, [])
-    after("self_instruct")
-    candidates = generate.generate(cfg, run_id, 1, m1, prompts.stage_run_id)
-    after("generate")
-    judged = judge.judge(cfg, run_id, 1, m1, candidates.stage_run_id)
-    after("judge")
-    rewards = reward_stage.reward(cfg, run_id, 1, candidates.stage_run_id, m1, pt)
-    after("reward")
-    pair_set = pairs.build_pairs(cfg, run_id, 1, judged.stage_run_id, rewards.stage_run_id)
-    after("pairs")
-    trained = dpo.train_dpo(cfg, run_id, 1, m1, pair_set, m1)
-    after("dpo")
-    runs.finish_iteration(cfg, run_id, 1, trained.stats["model_id"])
-    runs.finish_run(cfg, run_id, "done")
-    return run_id
+    """The run as `flywheel.pipeline.run` does it (what the Prefect flow wraps), without Prefect; `after(stage)` once
+    each stage is done."""
+    def call(step, ctx, state):
+        state = pipeline.call_here(step, ctx, state)
+        after(step.name)
+        return state
+
+    return pipeline.run(cfg, call=call)
 
 
 # --- the child: the same stages, with a place to stop -------------------------------------------------------------
@@ -100,7 +75,7 @@ def pause_after(stop_after: str):
 
 
 class _PauseAtRename:
-    """Stands in for the `os` module in flywheel.train and flywheel.models: the same, except that replace() says
+    """Stands in for the `os` module in flywheel.training.loops and flywheel.models: the same, except that replace() says
     which folder it is about to rename into place and waits (for the kill) before doing it."""
 
     def __getattr__(self, name):
@@ -114,9 +89,9 @@ class _PauseAtRename:
 
 def pause_before_rename() -> None:
     import flywheel.models
-    import flywheel.train
+    import flywheel.training.loops
 
-    flywheel.models.os = flywheel.train.os = _PauseAtRename()
+    flywheel.models.os = flywheel.training.loops.os = _PauseAtRename()
 
 
 def run_child_until(point: str, marker: str, overrides: list[str]) -> str:
@@ -154,15 +129,6 @@ class Reference:
 
     def cfg(self) -> FlywheelConfig:
         return load_config(None, self.overrides)
-
-
-def tiny_overrides(folder: Path, registry: Path) -> list[str]:
-    """OVERRIDES plus a 12-seed file and a one-line judge template written in `folder`, and the registry's path."""
-    seeds = (REPO / "seeds/demo.jsonl").read_text().splitlines()[:12]
-    (folder / "seeds.jsonl").write_text("\n".join(seeds) + "\n")
-    (folder / "judge.txt").write_text("Grade the reply from 0 to 5.\nQuestion: {instruction}\nReply: {response}\n")
-    return OVERRIDES + [f"registry.root={registry}", f"seeds.path={folder / 'seeds.jsonl'}",
-                        f"judge.template={folder / 'judge.txt'}"]
 
 
 @pytest.fixture(scope="module")

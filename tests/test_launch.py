@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from flywheel.config import ConfigError, load_config
-from flywheel.launch import accelerate_command, deepspeed_stage
+from flywheel.training.launch import accelerate_command, deepspeed_stage
 
 DS = Path("configs/deepspeed")
 ARGS = ["--config", "job/config.json", "--job", "job"]
@@ -31,7 +31,7 @@ def test_eight_gpu_zero3_command_dry_run():
     assert Path(cmd[0]).name == "accelerate"
     assert cmd[1:] == ["launch", "--num_processes", "8", "--num_machines", "1", "--mixed_precision", "bf16",
                        "--dynamo_backend", "no", "--use_deepspeed", "--deepspeed_config_file",
-                       "configs/deepspeed/zero3.json", "-m", "flywheel.train_entry", "dpo", *ARGS]
+                       "configs/deepspeed/zero3.json", "-m", "flywheel.training.entry", "dpo", *ARGS]
 
 
 def test_multi_gpu_without_deepspeed_and_cpu_commands():
@@ -41,7 +41,7 @@ def test_multi_gpu_without_deepspeed_and_cpu_commands():
     assert "--multi_gpu" not in single
     cpu = accelerate_command(_cfg("run.device=cpu"), "rs-sft", ARGS)
     assert "--cpu" in cpu and cpu[cpu.index("--num_cpu_threads_per_process") + 1] == str(torch.get_num_threads())
-    assert cpu[cpu.index("-m"):] == ["-m", "flywheel.train_entry", "rs-sft", *ARGS]
+    assert cpu[cpu.index("-m"):] == ["-m", "flywheel.training.entry", "rs-sft", *ARGS]
 
 
 def test_several_machines_take_rank_and_address_from_the_environment(monkeypatch):
@@ -99,15 +99,16 @@ def test_deepspeed_configs_are_zero2_and_zero3_with_values_the_trainer_fills():
     assert json.loads((DS / "zero3.json").read_text())["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"]
 
 
+@pytest.mark.slow  # two training-entry subprocesses
 def test_train_entry_refuses_a_bad_job_folder(tmp_path):
-    """A real `python -m flywheel.train_entry` subprocess: a missing job folder is a one-line error and status 2."""
+    """A real `python -m flywheel.training.entry` subprocess: a missing job folder is a one-line error and status 2."""
     config = tmp_path / "config.json"
     config.write_text(json.dumps(load_config(None, []).model_dump(mode="json")))
-    run = subprocess.run([sys.executable, "-m", "flywheel.train_entry", "dpo", "--config", str(config),
+    run = subprocess.run([sys.executable, "-m", "flywheel.training.entry", "dpo", "--config", str(config),
                           "--job", str(tmp_path / "missing")], capture_output=True, text=True, timeout=120)
     assert run.returncode == 2
     assert "has no job.json" in run.stderr and "Traceback" not in run.stderr
     config.write_text("run: {iterations: zero}")
-    run = subprocess.run([sys.executable, "-m", "flywheel.train_entry", "dpo", "--config", str(config),
+    run = subprocess.run([sys.executable, "-m", "flywheel.training.entry", "dpo", "--config", str(config),
                           "--job", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and "run.iterations" in run.stderr

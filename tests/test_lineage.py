@@ -1,4 +1,4 @@
-"""Lineage of pairs, models and dataset versions on a real registry filled stage by stage (see test_datasets)."""
+"""Lineage of pairs, models and dataset versions on a real registry filled stage by stage (tests/helpers/staged.py)."""
 
 import json
 
@@ -8,7 +8,8 @@ from flywheel import cli
 from flywheel.config import content_hash
 from flywheel.lineage import LineageError, lineage, render
 from flywheel.registry import Registry
-from tests.test_datasets import JUDGE_TEMPLATE, PROMPTS, SAMPLING, SEEDS, _versions, build_flywheel
+from tests.helpers.staged import JUDGE_TEMPLATE, PROMPTS, SAMPLING, SEEDS, build_flywheel
+from tests.helpers.staged import versions as _versions
 
 
 @pytest.fixture(scope="module")

@@ -23,11 +23,12 @@ import sys
 from flywheel.config import load_config
 from flywheel.lock import registry_lock
 from flywheel.registry import Registry, now
-from flywheel.runs import finish_run, start_run
+from flywheel.runs import start_run
 from flywheel.seeds import load_seeds
 cfg = load_config(None, [f"registry.root={sys.argv[1]}", "run.name=holder"])
 with registry_lock(cfg.registry.root, sys.argv[2]):
-    run_id = start_run(cfg)
+    with Registry(cfg.registry.root) as reg:
+        run_id = start_run(reg, cfg)
     print("locked", flush=True)
     sys.stdin.readline()  # the parent lets it go on
     with Registry(cfg.registry.root) as reg:
@@ -35,7 +36,7 @@ with registry_lock(cfg.registry.root, sys.argv[2]):
                                     reference=s.response, seed_id=s.id, few_shot_ids=None, kept=True, drop_reason=None,
                                     model_id=None, stage_run_id="seeds-x", config_hash="h", created_at=now())
                                for i, s in enumerate(load_seeds("seeds/demo.jsonl"))])
-    finish_run(cfg, run_id, "done")
+        reg.finish_run(run_id, "done")
 print("finished", flush=True)
 """
 
@@ -47,6 +48,7 @@ def _start_holder(root, run_id):
     return child
 
 
+@pytest.mark.slow  # a real `flywheel run` in a subprocess
 def test_a_second_run_fails_at_once_naming_the_first(tmp_path):
     root = tmp_path / "registry"
     holder = _start_holder(root, "run-A")

@@ -7,8 +7,8 @@ import torch
 from flywheel.config import ConfigError, LoraConfig, load_config
 from flywheel.models import load, save_atomically
 from flywheel.seeds import ift_examples, load_seeds
-from flywheel.train import _batches, sft_train
-from tests.tiny import save_random_tiny_model
+from flywheel.training.loops import _batches, sft_train
+from tests.helpers.models import save_random_tiny_model
 
 
 @pytest.mark.parametrize("enabled, device, scratch, on", [
@@ -18,6 +18,7 @@ def test_auto_is_on_for_a_real_base_on_cpu(enabled, device, scratch, on):
     assert LoraConfig(enabled=enabled).on(device, scratch) is on
 
 
+@pytest.mark.slow  # trains
 def test_lora_sft_merges_saves_and_reloads_with_identical_logits(tmp_path):
     model, tok = load(save_random_tiny_model(tmp_path / "base"))
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -1,141 +1,28 @@
 """The reward-hacking monitors on real DuckDB registries whose rows are written by hand, so every figure is known.
 
-`build_run` writes a run's stage ledger, prompts, candidates, judgments, coherent rewards, pairs and models the way
-the stages do, from small functions of (prompt, candidate) that set lengths, scores and texts. A healthy run must
-fire nothing; a drifting one must fire each monitor on the iteration where its figure crosses the threshold.
+`build_run` (tests/helpers/registry.py) writes a run's stage ledger, prompts, candidates, judgments, coherent rewards,
+pairs and models the way the stages do, from small functions of (prompt, candidate) that set lengths, scores and
+texts. A healthy run must fire nothing; a drifting one must fire each monitor on the iteration where its figure crosses
+the threshold.
 """
 
 from __future__ import annotations
 
-import json
 import random
-from pathlib import Path
-from typing import Callable
 
-import pyarrow as pa
 import pytest
 
 from flywheel.monitors import MonitorsConfig, evaluate, fired
-from flywheel.registry import Registry, now
+from flywheel.registry import Registry
 from flywheel.report import collect
-
-VOCAB = [f"w{i}" for i in range(400)]
-
-
-def varied_text(p: int, j: int, t: int, length: int = 20) -> str:
-    """Different words for every candidate: a high distinct-2."""
-    rng = random.Random(f"{p}-{j}-{t}")
-    return " ".join(rng.choice(VOCAB) for _ in range(length))
-
-
-def _insert(reg: Registry, table: str, rows: list[dict]) -> None:
-    """Registry.insert, in one statement through Arrow (executemany takes ~10 ms a row on this machine)."""
-    if rows:
-        rows = [{k: json.dumps(v) if isinstance(v, dict) else v for k, v in r.items()} for r in rows]
-        reg.con.register("new_rows", pa.Table.from_pylist(rows))
-        reg.con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM new_rows")
-        reg.con.unregister("new_rows")
-
-
-def _stage(reg: Registry, run_id: str, t: int, stage: str, stats: dict | None = None) -> str:
-    sid = f"{stage}-{run_id}-{t}"
-    reg.con.execute("INSERT INTO stage_runs VALUES (?, ?, ?, ?, NULL, 'h', 'done', ?, NULL, ?, ?)",
-                    [sid, run_id, t, stage, json.dumps(stats or {}), now(), now()])
-    reg.con.execute("INSERT INTO run_stages VALUES (?, ?, ?, ?)", [run_id, t, stage, sid])
-    return sid
-
-
-def build_run(root: Path, iterations: list[dict], run_id: str = "run-a", monitors: dict | None = None) -> str:
-    """One run with iteration 0 (seeds, PT, M1) and one iteration per dict of `iterations`, whose keys are:
-    tokens(p, j) -> int, scores(p, j) -> list of judge samples (None = a parse failure), text(p, j) -> str,
-    coherent(p, j) -> float or None (no reward stage), loss (train_loss), prompts, n, dropped {reason: count}."""
-    with Registry(root) as reg:
-        config = {"run": {"name": "a"}, **({"monitors": monitors} if monitors else {})}
-        reg.start_run(run_id, "a", "h", config)
-        _stage(reg, run_id, 0, "seeds", {"seeds": 5})
-        _stage(reg, run_id, 0, "sft", {"ift": 5, "eft": 3, "train_loss": 1.5})
-        reg.register_model(model_id=f"m1-{run_id}", run_id=run_id, name="M1", kind="sft", iteration=0, parent_id=None,
-                           path="/m1", stage_run_id=f"sft-{run_id}-0", config_hash="h", metrics={})
-        model = f"m1-{run_id}"
-        for t, spec in enumerate(iterations, start=1):
-            model = _iteration(reg, run_id, t, model, **spec)
-        reg.finish_run(run_id)
-    return run_id
-
-
-def _iteration(reg: Registry, run_id: str, t: int, model_in: str, *, tokens: Callable, scores: Callable,
-               text: Callable = varied_text, coherent: Callable | None = None, loss: float = 0.6, prompts: int = 20,
-               n: int = 4, dropped: dict | None = None) -> str:
-    reg.start_iteration(run_id, t, model_in)
-    common = dict(run_id=run_id, iteration=t, config_hash="h", created_at=now())
-    si, gen, jd = (_stage(reg, run_id, t, s) for s in ("self_instruct", "generate", "judge"))
-    rows = [dict(prompt_id=f"{run_id}-p{t}-{p}", source="self_instruct", text=f"task {p}", reference=None, seed_id=None,
-                 few_shot_ids=None, kept=True, drop_reason=None, model_id=model_in, stage_run_id=si, **common)
-            for p in range(prompts)]
-    k = 0
-    for reason, count in (dropped or {}).items():
-        for _ in range(count):
-            rows.append(dict(rows[0], prompt_id=f"{run_id}-p{t}-drop{k}", kept=False, drop_reason=reason))
-            k += 1
-    _insert(reg, "prompts", rows)
-    cands, judgments, rewards, means = [], [], [], {}
-    for p in range(prompts):
-        for j in range(n):
-            cid = f"{run_id}-c{t}-{p}-{j}"
-            cands.append(dict(candidate_id=cid, prompt_id=f"{run_id}-p{t}-{p}", sample_index=j, text=text(p, j, t),
-                              num_tokens=tokens(p, j), finish_reason="stop", model_id=model_in,
-                              backend="transformers", sampling={}, seed=0, stage_run_id=gen, **common))
-            samples = scores(p, j)
-            judgments += [dict(judgment_id=f"j-{cid}-{s}", candidate_id=cid, sample_index=s, raw_text=f"Score: {v}",
-                               score=v, parse_error=None if v is not None else "no_score", judge_model_id=model_in,
-                               template_hash="t", sampling={}, stage_run_id=jd, **common)
-                          for s, v in enumerate(samples)]
-            valid = [v for v in samples if v is not None]
-            if valid:
-                means[cid] = (f"{run_id}-p{t}-{p}", sum(valid) / len(valid), tokens(p, j))
-            if coherent is not None:
-                rewards.append(dict(reward_id=f"r-{cid}", candidate_id=cid, signal="coherent", value=coherent(p, j),
-                                    error=None, details={}, policy_model_id=model_in, ref_model_id="pt",
-                                    stage_run_id=f"reward-{run_id}-{t}", **common))
-    _insert(reg, "candidates", cands)
-    _insert(reg, "judgments", judgments)
-    if coherent is not None:
-        _stage(reg, run_id, t, "reward")
-        _insert(reg, "rewards", rewards)
-    pr = _stage(reg, run_id, t, "pairs")
-    pairs = []
-    for p in range(prompts):
-        mine = sorted((m, c) for c, (pid, m, _) in means.items() if pid == f"{run_id}-p{t}-{p}")
-        if len(mine) >= 2 and mine[-1][0] > mine[0][0]:
-            (lo, rej), (hi, cho) = mine[0], mine[-1]
-            pairs.append(dict(pair_id=f"{run_id}-pr-{t}-{p}", prompt_id=f"{run_id}-p{t}-{p}", chosen_id=cho,
-                              rejected_id=rej, chosen_score=hi, rejected_score=lo, signals={}, stage_run_id=pr,
-                              **common))
-    _insert(reg, "pairs", pairs)
-    out = _stage(reg, run_id, t, "dpo")
-    reg.register_model(model_id=out, run_id=run_id, name=f"M{t + 1}", kind="dpo", iteration=t, parent_id=model_in,
-                       path=f"/{out}", stage_run_id=out, config_hash="h", metrics={"train_loss": loss, "steps": 3})
-    reg.finish_iteration(run_id, t, out)
-    return out
+from tests.helpers.registry import HEALTHY, build_run, steady_scores, steady_tokens, varied_text
 
 
 # --- the figures of a healthy and of a drifting iteration -------------------------------------------------------
-def steady_tokens(p, j):  # length unrelated to score: candidate 0 and 3 long, 1 and 2 short
-    return 20 + (5 if j in (0, 3) else 0)
-
-
-def steady_scores(p, j):  # chosen and rejected are j 0 and 1, swapped by prompt parity: half the pairs pick the longer
-    base = [1, 5, 3, 3] if p % 2 else [5, 1, 3, 3]
-    return [base[j], base[j]]
-
-
 def noisy_scores(p, j):  # two judge samples that agree only partly, with one parse failure in 20 samples
     rng = random.Random(f"noisy-{p}-{j}")
     first = rng.randint(0, 5)
     return [first, None if (p * 4 + j) % 20 == 0 else min(5, max(0, first + rng.choice([-1, 0, 1])))]
-
-
-HEALTHY = dict(tokens=steady_tokens, scores=steady_scores)
 
 
 def test_a_healthy_run_fires_nothing(tmp_path):

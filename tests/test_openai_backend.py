@@ -24,7 +24,8 @@ from flywheel.backends import (BackendError, OpenAIBackend, SamplingParams, Tran
                                release_backends)
 from flywheel.config import ConfigError, OpenAIBackendConfig
 from flywheel.serve import create_app, serving
-from tests.tiny import save_random_tiny_model
+
+pytestmark = pytest.mark.slow  # real HTTP servers with a tiny model behind them; `flywheel serve` in a subprocess
 
 PROMPTS = ["What is a noun?", "List three colours.", "Explain why ice floats on water, briefly please."]
 KEY = "sk-flywheel-test-4f9c2a7e"
@@ -32,8 +33,8 @@ KEY_ENV = "FLYWHEEL_TEST_API_KEY"
 
 
 @pytest.fixture(scope="module")
-def model_path(tmp_path_factory):
-    return str(save_random_tiny_model(tmp_path_factory.mktemp("m") / "tiny"))
+def model_path(tiny_model_path):
+    return str(tiny_model_path)
 
 
 @pytest.fixture(scope="module")

@@ -1,40 +1,22 @@
 """The pair SQL on a real DuckDB registry, with judgments written by hand so every case is known."""
 
-import pytest
-
-from flywheel.config import load_config
 import json
 
-import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
 
-from flywheel.pairs import (EXTREMES_SQL, FAST_EXTREMES_SQL, JUDGE_VALUES, SnapshotError, build_pairs, combined_scores,
-                           read_snapshot, snapshot_path, table_hash)
-from flywheel.registry import Registry, now
+from flywheel.datasets import (DATASET_SQL, DatasetIntegrityError, freeze_dataset, prepared_rows, read_version,
+                               stage_version, version)
+from flywheel.pairs import EXTREMES_SQL, FAST_EXTREMES_SQL, JUDGE_VALUES, build_pairs, combined_scores
+from flywheel.registry import Registry
+from tests.helpers.registry import reward_row, write_judged
 
 JUDGE_SID = "judge-test"
 
 
 def _write(reg, scores: dict[str, dict[str, list[float | None]]], lengths: dict[str, int] | None = None):
     """scores: prompt -> candidate -> judge sample scores (None = a parse failure); lengths: candidate -> tokens."""
-    common = dict(run_id="r", iteration=1, config_hash="h", created_at=now())
-    for p, cands in scores.items():
-        reg.insert("prompts", [dict(prompt_id=p, source="self_instruct", text=f"question {p}", reference=None,
-                                    seed_id=None, few_shot_ids=None, kept=True, drop_reason=None, model_id="m",
-                                    stage_run_id="si", **common)])
-        for c, samples in cands.items():
-            reg.insert("candidates", [dict(candidate_id=c, prompt_id=p, sample_index=0, text=f"answer {c}",
-                                           num_tokens=(lengths or {}).get(c, 2), finish_reason="stop", model_id="m", backend="transformers",
-                                           sampling={}, seed=0, stage_run_id="gen", **common)])
-            reg.insert("judgments", [
-                dict(judgment_id=f"{c}-{k}", candidate_id=c, sample_index=k, raw_text=f"Score: {s}", score=s,
-                     parse_error=None if s is not None else "no_score", judge_model_id="m", template_hash="t",
-                     sampling={}, stage_run_id=JUDGE_SID, **common)
-                for k, s in enumerate(samples)])
-
-
-@pytest.fixture
-def cfg(tmp_path):
-    return load_config(None, [f"registry.root={tmp_path}"])
+    write_judged(reg, scores, JUDGE_SID, lengths)
 
 
 def _pairs(cfg, reward_sid=None):
@@ -61,8 +43,8 @@ def test_best_vs_worst_with_ties_and_failures(cfg):
     assert result.stats["pairs"] == 2 and result.stats["prompts_scored"] == 4 and result.stats["unpaired"] == 2
 
     with Registry(cfg.registry.root) as reg:
-        snap = read_snapshot(reg, result.stage_run_id, result.stats["snapshot_hash"])
-    assert sorted((r["prompt"], r["chosen"], r["rejected"]) for r in snap) == [
+        train = read_version(reg, stage_version(reg, result.stage_run_id, "train")).to_pylist()
+    assert sorted((r["prompt"], r["chosen"], r["rejected"]) for r in train) == [
         ("question p1", "answer a", "answer b"), ("question p4", "answer i", "answer j")]
 
 
@@ -91,27 +73,94 @@ def test_no_scores_gives_no_pairs(cfg):
     assert pairs == {} and result.stats["pairs"] == 0
 
 
-def test_snapshot_is_checked_on_read(cfg):
+def test_the_frozen_train_version_is_the_training_set(cfg, monkeypatch):
+    """The stage writes its train version from the rows it selected (no second query, no snapshot of its own): the
+    same rows, order and version id as the registry's pairs give through DATASET_SQL, the version `restore_version`
+    rebuilds. Nothing is left behind: no prepared table, no snapshots folder."""
+    import flywheel.stage
+
+    temp_tables = []
+    freeze = flywheel.stage.freeze_stage_outputs
+
+    def watched(reg, *a, **kw):  # the temp tables on the stage's connection before and after the freeze
+        listed = "SELECT table_name FROM duckdb_tables() WHERE temporary ORDER BY 1"
+        temp_tables.append([r["table_name"] for r in reg.rows(listed)])
+        out = freeze(reg, *a, **kw)
+        temp_tables.append([r["table_name"] for r in reg.rows(listed)])
+        return out
+
+    monkeypatch.setattr(flywheel.stage, "freeze_stage_outputs", watched)
+    with Registry(cfg.registry.root) as reg:
+        _write(reg, {"p1": {"a": [5], "b": [1]}, "p2": {"c": [4], "d": [2]}, "p3": {"e": [3], "f": [3]},
+                     "p4": {"g": [0.5], "h": [2.5]}})
+    result, pairs = _pairs(cfg)
+    assert temp_tables == [[prepared_rows(result.stage_run_id).strip('"')], []]  # written from it, then dropped
+    sid, versions = result.stage_run_id, result.stats["dataset_versions"]
+    assert "snapshot" not in result.stats and "snapshot_hash" not in result.stats
+    assert not (cfg.registry.root / "snapshots").exists()
+    with Registry(cfg.registry.root) as reg:
+        train = read_version(reg, versions["train"])
+        assert train.to_pylist() == reg.rows(DATASET_SQL["train"], {"sid": sid})  # in pair_id order
+        assert [r["pair_id"] for r in train.to_pylist()] == sorted(p["pair_id"] for p in pairs.values())
+        assert version(reg, versions["train"])["num_rows"] == 3
+        for name, vid in versions.items():  # the same rows frozen from the registry: the same version
+            assert freeze_dataset(reg, name, sid, run_id="r", iteration=1, derived_from=[], config_hash="h") == vid
+
+
+def _same_as_from_the_registry(cfg, result):
+    """The stage's versions are those DATASET_SQL gives from the registry's rows (what `restore_version` rebuilds)."""
+    with Registry(cfg.registry.root) as reg:
+        for name, vid in result.stats["dataset_versions"].items():
+            assert freeze_dataset(reg, name, result.stage_run_id, run_id="r", iteration=1, derived_from=[],
+                                  config_hash="h") == vid
+
+
+def test_a_pair_whose_prompt_row_is_gone_is_kept_out_of_the_training_set(cfg):
+    """As before: the pair is selected (the pairs table), the train SQL's inner join leaves it out."""
     with Registry(cfg.registry.root) as reg:
         _write(reg, {"p1": {"a": [5], "b": [1]}, "p2": {"c": [4], "d": [2]}})
-    result, _ = _pairs(cfg)
-    sid, expected = result.stage_run_id, result.stats["snapshot_hash"]
+        reg.con.execute("DELETE FROM prompts WHERE prompt_id = 'p2'")
+    result, pairs = _pairs(cfg)
+    assert set(pairs) == {"p1", "p2"} and result.stats["pairs"] == 2
     with Registry(cfg.registry.root) as reg:
-        path = snapshot_path(reg, sid)
-        good = read_snapshot(reg, sid, expected)
-        assert len(good) == 2
+        train = read_version(reg, result.stats["dataset_versions"]["train"]).to_pylist()
+    assert [r["prompt_id"] for r in train] == ["p1"]
+    _same_as_from_the_registry(cfg, result)
 
-        path.write_bytes(path.read_bytes()[:-40])  # truncated: not Parquet any more
-        with pytest.raises(SnapshotError, match=f"{path} cannot be read"):
-            read_snapshot(reg, sid, expected)
 
-        reg.con.sql("SELECT 'pr-x' AS pair_id, 'p1' AS prompt_id, 'q' AS prompt, 'evil' AS chosen, 'r' AS rejected, "
-                    "5.0 AS chosen_score, 1.0 AS rejected_score").write_parquet(str(path))  # readable, but altered
-        with pytest.raises(SnapshotError, match="does not match the hash"):
-            read_snapshot(reg, sid, expected)
+def test_dpo_reads_the_train_version_and_refuses_an_altered_one(cfg, monkeypatch):
+    import flywheel.training.dpo as dpo
+    from flywheel.stage import IterationState, StageContext
 
-        path.unlink()  # missing: derived data, rewritten from the registry
-        assert read_snapshot(reg, sid, expected) == good
+    with Registry(cfg.registry.root) as reg:
+        _write(reg, {"p1": {"a": [5], "b": [1]}, "p2": {"c": [4], "d": [2]}})
+        reg.register_model(model_id="m1", run_id="r", name="M1", kind="sft", iteration=0, parent_id=None,
+                           path=str(cfg.registry.root / "m1"), stage_run_id="sft-x", config_hash="h")
+    result, _ = _pairs(cfg)
+    jobs = []
+
+    def fake_train_stage(ctx, trainer, model_id, inputs, make_job):  # what DPO would train on, without training
+        with Registry(ctx.cfg.registry.root) as reg:
+            jobs.append(make_job(reg, "dpo-x"))
+
+    monkeypatch.setattr(dpo, "train_stage", fake_train_stage)
+    ctx, state = StageContext(cfg, "r", 1), IterationState(model="m1", pairs=result.stage_run_id)
+    dpo.train_dpo(ctx, state)
+    (job, extra), = jobs
+    vid = result.stats["dataset_versions"]["train"]
+    assert extra["dataset_version"] == vid
+    with Registry(cfg.registry.root) as reg:
+        path = reg.root / version(reg, vid)["path"]
+        expected = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in read_version(reg, vid).to_pylist()]
+    assert job.rows == expected and len(expected) == 2
+
+    table = pq.read_table(path)  # a readable file whose training text was changed: refused, DPO never sees it
+    rows = table.to_pylist()
+    rows[0]["chosen"] = "evil"
+    pq.write_table(table.from_pylist(rows, schema=table.schema), path)
+    with pytest.raises(DatasetIntegrityError, match="was altered"):
+        dpo.train_dpo(ctx, state)
+    assert len(jobs) == 1
 
 
 def test_length_control_picks_shortest_top_and_longest_bottom(cfg):
@@ -127,13 +176,11 @@ def test_length_control_picks_shortest_top_and_longest_bottom(cfg):
         row = reg.rows("SELECT * FROM pairs WHERE stage_run_id = ?", [result.stage_run_id])[0]
     assert (row["chosen_id"], row["rejected_id"]) == ("b", "d")   # shortest of the top band, longest of the bottom
     assert json.loads(row["signals"])["rho"] == 0.2 and result.stats["rho"] == 0.2
+    _same_as_from_the_registry(cfg, result)
 
 
 def _rewards(reg, values: dict[str, float | None], signal="coherent", sid="reward-test"):
-    reg.insert("rewards", [dict(reward_id=f"{signal}-{c}", candidate_id=c, signal=signal, value=v,
-                                error=None if v is not None else "failed", details={}, policy_model_id="sft",
-                                ref_model_id="pt", run_id="r", iteration=1, stage_run_id=sid, config_hash="h",
-                                created_at=now()) for c, v in values.items()])
+    reg.insert("rewards", [reward_row(c, v, sid, signal) for c, v in values.items()])
     return sid
 
 
@@ -153,6 +200,7 @@ def test_judge_and_coherent_reward_are_z_scored_and_summed(cfg):
     assert signals["chosen"] == {"judge": 3.0, "coherent": 30.0} and signals["rejected"] == {"judge": 2.0, "coherent": -20.0}
     # f has no coherent reward: it is left out, so p2 pairs d and e only (z: d = (1, -1), e = (-1, 1) -> a tie: dropped)
     assert "p2" not in pairs and result.stats["signals"] == ["coherent", "judge"]
+    _same_as_from_the_registry(cfg, result)
 
     with Registry(cfg.registry.root) as reg:
         rows = combined_scores(reg, cfg, JUDGE_SID, sid)
@@ -183,17 +231,12 @@ def test_fast_path_picks_what_the_general_statement_picks(cfg):
         for sql, params in ((EXTREMES_SQL, dict(judge_sid=JUDGE_SID, reward_sid=None, weights=weights, rho=0.0)),
                             (FAST_EXTREMES_SQL.format(values=JUDGE_VALUES), dict(judge_sid=JUDGE_SID, signal="judge"))):
             reg.con.execute(sql, params)
-            tables.append(reg.rows("SELECT prompt_id, ch, rj FROM pair_extremes ORDER BY prompt_id"))
+            tables.append(reg.rows(
+                "SELECT e.prompt_id, ch.candidate_id AS chosen, e.chosen_score, e.chosen_raw::VARCHAR AS chosen_raw, "
+                "rj.candidate_id AS rejected, e.rejected_score, e.rejected_raw::VARCHAR AS rejected_raw "
+                "FROM pair_extremes e JOIN candidates ch ON ch.rowid = e.chosen_row "
+                "JOIN candidates rj ON rj.rowid = e.rejected_row ORDER BY prompt_id"))
     assert tables[0] == tables[1] and len(tables[0]) == 5
-    by_prompt = {r["prompt_id"]: (r["ch"]["id"], r["rj"]["id"]) for r in tables[1]}
+    by_prompt = {r["prompt_id"]: (r["chosen"], r["rejected"]) for r in tables[1]}
     assert by_prompt["p4"] == ("i", "j") and by_prompt["p5"] == ("m", "k") and by_prompt["p3"] == ("f", "f")
-
-
-def test_table_hash_sees_content_not_layout():
-    t = pa.table({"id": ["a", "bb", None], "x": [1.0, 2.5, 3.0]})
-    same = pa.Table.from_batches(t.to_batches(max_chunksize=1)).cast(
-        pa.schema([pa.field("id", pa.large_string()), pa.field("x", pa.float64())]))
-    assert table_hash(t) == table_hash(same)
-    assert table_hash(t) != table_hash(pa.table({"id": ["a", "bb", ""], "x": [1.0, 2.5, 3.0]}))   # null vs ""
-    assert table_hash(t) != table_hash(pa.table({"id": ["ab", "b", None], "x": [1.0, 2.5, 3.0]}))  # where bytes split
-    assert table_hash(t) != table_hash(pa.table({"id": ["a", "bb", None], "x": [1.0, 2.5, 3.5]}))
+    assert tables[1][0]["chosen_raw"] == '{"judge":4.0}'

@@ -13,21 +13,16 @@ import torch
 from flywheel.bootstrap import import_seeds
 from flywheel.config import PPOConfig, load_config
 from flywheel.models import load, save_atomically
-from flywheel.ppo import _gae, ppo_train, train_ppo
+from flywheel.stage import IterationState, StageContext
+from flywheel.training.ppo import _gae, ppo_train, train_ppo
 from flywheel.registry import Registry, now
 from flywheel.rewards import coherent_rewards
 from flywheel.seeds import load_seeds
-from flywheel.train import sft_train
-from tests.tiny import save_random_tiny_model
+from flywheel.training.loops import sft_train
+from tests.helpers.models import save_random_tiny_model
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared machine torch's thread pool spins: one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]  # real SFT and PPO steps
 
 
 @pytest.fixture(scope="module")
@@ -35,11 +30,8 @@ def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("ppo-models")
     save_random_tiny_model(root / "pt")
     sft, tok = load(root / "pt")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     sft_train(sft, tok, [{"prompt": s.instruction, "completion": s.response} for s in load_seeds("seeds/demo.jsonl")],
               epochs=3, lr=3e-3, batch_size=8, max_length=256, device="cpu", seed=0)
-    torch.set_num_threads(threads)
     save_atomically(sft, tok, root / "sft")
     return root / "pt", root / "sft"
 
@@ -99,7 +91,7 @@ def test_ppo_stage_registers_the_next_model(tmp_path, models):
             reg.register_model(model_id=mid, run_id="run", name=name, kind="sft", iteration=0, parent_id=None,
                                path=str(path), stage_run_id="test", config_hash="h", created_at=now())
 
-    result = train_ppo(cfg, "run", 1, "m-sft", prompts_sid, "m-sft", "m-pt")
+    result = train_ppo(StageContext(cfg, "run", 1), IterationState(model="m-sft", prompts=prompts_sid, m1="m-sft", pt="m-pt"))
     assert not result.skipped and result.stats["prompts"] == 6 and result.stats["steps"] == 2
     with Registry(cfg.registry.root) as reg:
         row = reg.model(result.stage_run_id)
@@ -110,4 +102,4 @@ def test_ppo_stage_registers_the_next_model(tmp_path, models):
     trained, _ = load(row["path"])
     sft, _ = load(sft_path)
     assert any(not torch.equal(a, b) for a, b in zip(trained.state_dict().values(), sft.state_dict().values()))
-    assert train_ppo(cfg, "run", 1, "m-sft", prompts_sid, "m-sft", "m-pt").skipped
+    assert train_ppo(StageContext(cfg, "run", 1), IterationState(model="m-sft", prompts=prompts_sid, m1="m-sft", pt="m-pt")).skipped

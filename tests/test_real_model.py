@@ -18,6 +18,8 @@ from flywheel.models import load
 from flywheel.registry import Registry
 from flywheel.score_parser import parse_score
 
+pytestmark = pytest.mark.slow  # SmolLM2-135M through the Prefect flow
+
 OVERRIDES = ["run.iterations=1", "run.threads=2", "seeds.path=tests/fixtures/seeds/flywheel.jsonl", "sft.epochs=0.3",
              "sft.batch_size=4", "sft.micro_batch_size=2", "self_instruct.num_prompts=12",
              "self_instruct.max_new_tokens=48", "self_instruct.batch_size=12", "generate.n=2",

@@ -1,4 +1,4 @@
-"""The per-iteration report on a real DuckDB registry written by hand (tests/test_monitors.build_run): the figures it
+"""The per-iteration report on a real DuckDB registry written by hand (tests/helpers/registry.build_run): the figures it
 counts, the terminal tables, report.md with its PNG plots, the Markdown string for Prefect, and `flywheel report`;
 and its example pairs on a run whose pairs, texts and judge samples are each written here (`build_examples_run`)."""
 
@@ -15,7 +15,8 @@ from flywheel.cli import main as cli_main
 from flywheel.registry import Registry, now
 from flywheel.report import CLIP, collect, example_pairs, markdown, print_report, spearman, write
 from flywheel.monitors import evaluate
-from tests.test_monitors import HEALTHY, _insert, _stage, build_run, steady_tokens
+from tests.helpers.registry import (HEALTHY, add_stage, build_run, candidate_row, insert_rows, judgment_row, prompt_row,
+                                    steady_tokens)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -140,12 +141,10 @@ def test_cli_errors_name_what_is_wrong(registry, tmp_path, capsys):
 
 
 def test_an_iteration_still_running_renders_with_gaps(tmp_path):
-    from tests.test_monitors import _stage
-
     run = build_run(tmp_path, [HEALTHY])
     with Registry(tmp_path) as reg:
         reg.start_iteration(run, 2, "M2-model")
-        _stage(reg, run, 2, "self_instruct")  # started, nothing written yet; no generate, judge, pairs or trainer
+        add_stage(reg, run, 2, "self_instruct")  # started, nothing written yet; no generate, judge, pairs or trainer
         its, checks, path = write(reg, run)
     two = its[1]
     assert (two["iteration"], two["status"], two["prompts_made"], two["candidates"], two["pairs"]) == (2, "running", 0,
@@ -209,26 +208,21 @@ def build_examples_run(root, run_id: str = "run-ex") -> str:
         reg.start_run(run_id, "ex", "h", {"run": {"name": "ex"}})
         for t, pairs in EXAMPLES_RUN.items():
             reg.start_iteration(run_id, t, "m")
-            common = dict(run_id=run_id, iteration=t, config_hash="h", created_at=now())
+            common = dict(run_id=run_id, iteration=t, created_at=now())
             judged = any(side["samples"] for p in pairs for side in (p["chosen"], p["rejected"]))
-            si, gen, pr = (_stage(reg, run_id, t, s) for s in ("self_instruct", "generate", "pairs"))
-            jd = _stage(reg, run_id, t, "judge") if judged else None
+            si, gen, pr = (add_stage(reg, run_id, t, s) for s in ("self_instruct", "generate", "pairs"))
+            jd = add_stage(reg, run_id, t, "judge") if judged else None
             prompts, cands, judgments, rows = [], [], [], []
             for p, spec in enumerate(pairs):
                 pid = f"{run_id}-p{t}-{p}"
-                prompts.append(dict(prompt_id=pid, source="self_instruct", text=spec["prompt"], reference=None,
-                                    seed_id=None, few_shot_ids=None, kept=True, drop_reason=None, model_id="m",
-                                    stage_run_id=si, **common))
+                prompts.append(prompt_row(pid, spec["prompt"], si, **common))
                 ids, raw = {}, {}
                 for side in ("chosen", "rejected"):
                     s = spec[side]
                     cid = ids[side] = f"{run_id}-c{t}-{p}-{side}"
-                    cands.append(dict(candidate_id=cid, prompt_id=pid, sample_index=len(cands), text=s["text"],
-                                      num_tokens=len(s["text"].split()), finish_reason="stop", model_id="m",
-                                      backend="transformers", sampling={}, seed=0, stage_run_id=gen, **common))
-                    judgments += [dict(judgment_id=f"j-{cid}-{k}", candidate_id=cid, sample_index=k, raw_text=text,
-                                       score=v, parse_error=None if v is not None else "no_score", judge_model_id="m",
-                                       template_hash="t", sampling={}, stage_run_id=jd, **common)
+                    cands.append(candidate_row(cid, pid, s["text"], gen, sample_index=len(cands),
+                                               num_tokens=len(s["text"].split()), **common))
+                    judgments += [judgment_row(cid, k, v, jd, judgment_id=f"j-{cid}-{k}", raw_text=text, **common)
                                   for k, (text, v) in enumerate(s["samples"])]
                     valid = [v for _, v in s["samples"] if v is not None]
                     raw[side] = {"coherent": s["coherent"], **({"judge": sum(valid) / len(valid)}
@@ -239,11 +233,10 @@ def build_examples_run(root, run_id: str = "run-ex") -> str:
                     scores = (spec["chosen"]["coherent"], spec["rejected"]["coherent"])
                 rows.append(dict(pair_id=f"ex-pr-{t}-{p}", prompt_id=pid, chosen_id=ids["chosen"],
                                  rejected_id=ids["rejected"], chosen_score=scores[0], rejected_score=scores[1],
-                                 signals={"weights": spec["weights"], "rho": 0.0, **raw}, stage_run_id=pr, **common))
-            _insert(reg, "prompts", prompts)
-            _insert(reg, "candidates", cands)
-            _insert(reg, "judgments", judgments)
-            _insert(reg, "pairs", rows)
+                                 signals={"weights": spec["weights"], "rho": 0.0, **raw}, stage_run_id=pr,
+                                 config_hash="h", **common))
+            for table, new in (("prompts", prompts), ("candidates", cands), ("judgments", judgments), ("pairs", rows)):
+                insert_rows(reg, table, new)
             reg.finish_iteration(run_id, t, f"m{t}")
         reg.finish_run(run_id)
     return run_id

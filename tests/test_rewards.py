@@ -9,13 +9,12 @@ import torch
 from flywheel.bootstrap import import_seeds
 from flywheel.config import FlywheelConfig, RuleRewardConfig, load_config
 from flywheel.generate import generate
-from flywheel.models import build_tiny_model, build_tokenizer, save_atomically
+from flywheel.models import build_tokenizer, save_atomically
 from flywheel.registry import Registry, now
 from flywheel.reward_stage import reward
 from flywheel.rewards import (RewardError, check_same_tokenizer, coherent_rewards, encode, encode_pairs, extract_answer,
                               make_rule, reward_functions, reward_weights, sequence_logprobs)
-from flywheel.seeds import load_seeds, pretrain_corpus
-from tests.tiny import TINY
+from tests.helpers.models import seed_tokenizer, tiny_model
 
 PROMPTS = ["What is a noun?", "Name a planet.", "Say hello to the team in one short and friendly sentence, please."]
 RESPONSES = ["A noun names a thing.", "Mars", "Hello, team! Have a great day."]
@@ -40,13 +39,7 @@ def noun_allergic_checker(prompt, response, reference):
     return 0.5
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared machine torch's thread pool spins: one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def small_seeds(path, n=8):
@@ -59,8 +52,8 @@ def small_seeds(path, n=8):
 @pytest.fixture(scope="module")
 def tiny():
     """One tokenizer, two different random models sharing it (SFT and PT stand-ins)."""
-    tokenizer = build_tokenizer(pretrain_corpus(load_seeds("seeds/demo.jsonl"), [], 0), TINY.vocab_size)
-    return build_tiny_model(TINY, tokenizer, 1).eval(), build_tiny_model(TINY, tokenizer, 0).eval(), tokenizer
+    tokenizer = seed_tokenizer()
+    return tiny_model(tokenizer, 1).eval(), tiny_model(tokenizer, 0).eval(), tokenizer
 
 
 def direct_logprob(model, tokenizer, prompt, response):
@@ -152,7 +145,7 @@ def test_different_tokenizers_are_refused(tiny):
     with pytest.raises(RewardError, match="tokenizers differ \\(vocabulary\\)"):
         check_same_tokenizer(tok, other)
     check_same_tokenizer(tok, tok)
-    small = build_tiny_model(TINY, other, 0)
+    small = tiny_model(other, 0)
     with pytest.raises(RewardError, match="vocabulary"):
         coherent_rewards(sft, small, tok, PROMPTS, RESPONSES, batch_size=2, normalize=False, device="cpu")
 
@@ -228,6 +221,7 @@ def test_reward_functions_for_trl(tiny):
 
 
 # --- the reward stage -------------------------------------------------------------------------------------------------
+@pytest.mark.slow  # the generate and reward stages on tiny models
 def test_reward_stage_one_row_per_candidate_and_signal_and_rerun_is_a_no_op(tmp_path, tiny, monkeypatch):
     sft, pt, tok = tiny
     overrides = [f"registry.root={tmp_path / 'reg'}", f"seeds.path={small_seeds(tmp_path / 'seeds.jsonl')}",

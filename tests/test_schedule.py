@@ -21,10 +21,13 @@ from pathlib import Path
 import httpx
 import pytest
 
+from flywheel import pipeline
 from flywheel.cli import main as cli_main
 from flywheel.config import load_config
 from flywheel.registry import Registry, RegistryLockedError
-from tests.test_kill_resume import run_sequence, tiny_overrides
+from tests.helpers.models import tiny_overrides
+
+pytestmark = pytest.mark.slow  # a real Prefect server and a served nightly run that trains
 
 REPO = Path(__file__).resolve().parents[1]
 NAME = "tiny-nightly"
@@ -75,7 +78,7 @@ def server(tmp_path_factory):
     try:
         work = tmp_path_factory.mktemp("nightly")
         overrides = tiny_overrides(work, work / "registry")
-        run_sequence(load_config(None, overrides))  # iteration 1, while the server starts
+        pipeline.run(load_config(None, overrides))  # iteration 1, while the server starts
         url = f"http://127.0.0.1:{port}/api"
 
         def healthy():

@@ -5,7 +5,9 @@ from collections import Counter
 
 import pytest
 
-from flywheel.bootstrap import import_seeds, ranked_from_registry, seeds_from_registry, sft_examples
+from flywheel.bootstrap import import_seeds
+from flywheel.reads import ranked_from_registry, seeds_from_registry
+from flywheel.training.sft import sft_examples
 from flywheel.config import load_config
 from flywheel.registry import Registry
 from flywheel.score_parser import parse_score

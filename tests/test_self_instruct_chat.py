@@ -11,7 +11,6 @@ from flywheel.bootstrap import import_seeds
 from flywheel.config import content_hash, load_config
 from flywheel.registry import Registry
 from flywheel.stage import stage_run_id
-from tests.tiny import save_random_tiny_model
 
 SMALL = ["self_instruct.num_prompts=4", "self_instruct.batch_size=2", "self_instruct.few_shot=3",
          "self_instruct.seed_shots=3", "self_instruct.max_new_tokens=6", "run.device=cpu", "model.base=tiny"]
@@ -19,13 +18,8 @@ REASONS = {"empty", "too_short", "too_long", "not_instruction", "not_a_task", "b
            "near_duplicate"}
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    return save_random_tiny_model(tmp_path_factory.mktemp("m") / "tiny")
-
-
 @pytest.fixture
-def setup(tmp_path, tiny_model, monkeypatch):
+def setup(tmp_path, tiny_model_path, monkeypatch):
     """(config maker, seeds stage id, model id, recorded generate calls) on a fresh registry."""
     calls, real = [], TransformersBackend.generate
 
@@ -44,7 +38,7 @@ def setup(tmp_path, tiny_model, monkeypatch):
     seeds = import_seeds(cfg, "run-a")
     with Registry(root) as reg:
         reg.register_model(model_id="m1", run_id="run-a", name="M1", kind="sft", iteration=0, parent_id=None,
-                           path=str(tiny_model), stage_run_id="sft-x", config_hash=cfg.config_hash(), metrics={})
+                           path=str(tiny_model_path), stage_run_id="sft-x", config_hash=cfg.config_hash(), metrics={})
     yield make, seeds.stage_run_id, "m1", calls
     release_backends()
 
@@ -68,6 +62,7 @@ def test_resolved_mode():
         assert si.resolved_mode(cfg) == want
 
 
+@pytest.mark.slow  # the self-instruct stage on a tiny model
 def test_chat_mode_sends_the_chat_template(setup):
     make, seeds_sid, model, calls = setup
     cfg = make("self_instruct.mode=chat")
@@ -104,6 +99,7 @@ def test_chat_mode_sends_the_chat_template(setup):
     assert changed.stage_run_id != res.stage_run_id and not changed.skipped
 
 
+@pytest.mark.slow  # the self-instruct stage on a tiny model
 def test_completion_mode_keeps_its_key_and_prompts(setup):
     make, seeds_sid, model, calls = setup
     cfg = make()  # model.base tiny, mode auto: completion

@@ -44,6 +44,7 @@ def test_filter_reasons(text, reason):
     assert kept.reason(text, SelfInstructConfig()) == reason
 
 
+@pytest.mark.slow  # a brute-force cross-check: 500 prompts, 3 thresholds
 def test_index_agrees_with_a_full_scan():
     """The bounds in NearDuplicateIndex only skip prompts that cannot reach the threshold: same answers as brute force."""
     rng = random.Random(0)

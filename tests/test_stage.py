@@ -2,14 +2,8 @@
 
 import pytest
 
-from flywheel.config import load_config
 from flywheel.registry import Registry
 from flywheel.stage import run_stage
-
-
-@pytest.fixture
-def cfg(tmp_path):
-    return load_config(None, [f"registry.root={tmp_path}"])
 
 
 def test_done_stage_is_skipped_without_calling_work(cfg):

@@ -13,13 +13,16 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from flywheel.config import OnlineRLConfig, load_config
-from flywheel.dpo import train_dpo
+from flywheel.stage import IterationState, StageContext
+from flywheel.training.dpo import train_dpo
 from flywheel.models import load, save_atomically
 from flywheel.pairs import build_pairs
 from flywheel.registry import Registry, now
-from flywheel.train import grpo_train, rloo_train
-from flywheel.trainers import best_of_n, train_grpo, train_rloo, train_rs_sft
-from tests.tiny import save_random_tiny_model
+from flywheel.training.loops import grpo_train, rloo_train
+from flywheel.training.online import train_grpo, train_rloo
+from flywheel.training.sft import best_of_n, train_rs_sft
+from tests.helpers.models import save_random_tiny_model, tiny_model
+from tests.helpers.registry import candidate_row, judgment_row, prompt_row
 
 JUDGE_SID = "judge-t"
 PROMPTS_SID = "si-t"
@@ -28,14 +31,9 @@ SCORES = {f"p{i}": {f"p{i}a": [5, 4], f"p{i}b": [1], f"p{i}c": [3]} for i in ran
 SCORES["p0"] = {"p0a": [2], "p0b": [1], "p0c": [2]}  # best score 2 (a and c tie: c has the larger id)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: on a shared 2-core machine, 2 threads each spin-waiting on the other made steps ~10x slower.
-    The accelerate child inherits it (--num_cpu_threads_per_process)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# One torch thread: on a shared 2-core machine, 2 threads each spin-waiting on the other made steps ~10x slower. The
+# accelerate child inherits it (--num_cpu_threads_per_process).
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]  # real training steps
 
 
 @pytest.fixture(scope="module")
@@ -65,18 +63,13 @@ def _registry(cfg, models) -> None:
             reg.register_model(model_id=name, name=name.upper(), kind="sft", iteration=0, parent_id=None,
                                path=str(path), stage_run_id=f"sft-{name}", metrics={}, **common)
         for i, (p, cands) in enumerate(SCORES.items()):
-            reg.insert("prompts", [dict(prompt_id=p, iteration=1, source="self_instruct", text=f"What is {i} plus {i}?",
-                                        reference=str(2 * i), seed_id=None, few_shot_ids=None, kept=True,
-                                        drop_reason=None, model_id="m1", stage_run_id=PROMPTS_SID, **common)])
+            reg.insert("prompts", [prompt_row(p, f"What is {i} plus {i}?", PROMPTS_SID, reference=str(2 * i),
+                                              model_id="m1")])
             for c, samples in cands.items():
-                reg.insert("candidates", [dict(candidate_id=c, prompt_id=p, sample_index=0,
-                                               text=f"The answer to {i} plus {i} is {c}.", num_tokens=8,
-                                               finish_reason="stop", model_id="m1", backend="transformers",
-                                               sampling={}, seed=0, iteration=1, stage_run_id="gen", **common)])
-                reg.insert("judgments", [
-                    dict(judgment_id=f"{c}-{k}", candidate_id=c, sample_index=k, raw_text=f"Score: {s}", score=s,
-                         parse_error=None, judge_model_id="m1", template_hash="t", sampling={}, iteration=1,
-                         stage_run_id=JUDGE_SID, **common) for k, s in enumerate(samples)])
+                reg.insert("candidates", [candidate_row(c, p, f"The answer to {i} plus {i} is {c}.", "gen",
+                                                        num_tokens=8, model_id="m1")])
+                reg.insert("judgments", [judgment_row(c, k, s, JUDGE_SID, judge_model_id="m1")
+                                         for k, s in enumerate(samples)])
 
 
 def _model_row(cfg, model_id):
@@ -93,7 +86,7 @@ def test_dpo_lora_trains_adapters_and_saves_a_merged_plain_model(tmp_path, model
     cfg = _config(tmp_path, "dpo.lora.enabled=true", "dpo.learning_rate=5e-3", "dpo.dropout=0.1")
     _registry(cfg, models)
     pairs = build_pairs(cfg, "r", 1, JUDGE_SID)
-    result = train_dpo(cfg, "r", 1, "m1", pairs, m1_id="m1")
+    result = train_dpo(StageContext(cfg, "r", 1), IterationState(model="m1", pairs=pairs.stage_run_id, m1="m1"))
 
     out = tmp_path / "models" / result.stats["model_id"]
     assert (out / "config.json").is_file() and not (out / "adapter_config.json").exists()
@@ -121,7 +114,7 @@ def test_dpo_reference_m1_trains_against_m1(tmp_path, models):
         cfg = _config(tmp_path / reference, f"dpo.reference={reference}", "dpo.dropout=0", "dpo.learning_rate=1e-3")
         _registry(cfg, models)
         pairs = build_pairs(cfg, "r", 2, JUDGE_SID)
-        result = train_dpo(cfg, "r", 2, "m2", pairs, m1_id="m1")
+        result = train_dpo(StageContext(cfg, "r", 2), IterationState(model="m2", pairs=pairs.stage_run_id, m1="m1"))
         row = _model_row(cfg, result.stats["model_id"])
         assert row["ref_model_id"] == {"previous": "m2", "m1": "m1"}[reference]
         assert row["name"] == "M3" and row["train_config"]["reference"] == reference
@@ -133,8 +126,8 @@ def test_dpo_reference_m1_trains_against_m1(tmp_path, models):
 
 def test_dpo_reference_m1_needs_m1_id(tmp_path, models):
     cfg = _config(tmp_path, "dpo.reference=m1")
-    with pytest.raises(ValueError, match="m1_id"):
-        train_dpo(cfg, "r", 2, "m2", None)
+    with pytest.raises(ValueError, match="no M1"):
+        train_dpo(StageContext(cfg, "r", 2), IterationState(model="m2", pairs="pairs-x"))
 
 
 @pytest.mark.parametrize("fit", [grpo_train, rloo_train], ids=["grpo", "rloo"])
@@ -167,13 +160,13 @@ def test_rloo_stage_registers_the_model_with_rule_rewards(tmp_path, models):
                   "rloo.max_completion_length=8", "rloo.learning_rate=1e-3",
                   "reward.rules=[{name: exact_sum, kind: exact}]", "reward.weights={judge: 1.0, exact_sum: 2.0}")
     _registry(cfg, models)
-    result = train_rloo(cfg, "r", 1, "m1", PROMPTS_SID)
+    result = train_rloo(StageContext(cfg, "r", 1), IterationState(model="m1", prompts=PROMPTS_SID))
     row = _model_row(cfg, result.stats["model_id"])
     assert (row["kind"], row["ref_model_id"], row["dataset_version"]) == ("rloo", "m1", None)  # prompts written by hand: no frozen version
     assert row["train_config"]["reward_functions"] == {"exact_sum": 2.0} and row["train_config"]["beta"] == 0.04
     assert row["metrics"]["prompts"] == 8 and row["metrics"]["with_reference"] == 8 and row["metrics"]["steps"] == 2
     assert "rewards_exact_sum_mean" in row["metrics"]
-    assert train_rloo(cfg, "r", 1, "m1", PROMPTS_SID).skipped  # same inputs, same key: done, not trained again
+    assert train_rloo(StageContext(cfg, "r", 1), IterationState(model="m1", prompts=PROMPTS_SID)).skipped  # same inputs, same key: done, not trained again
 
 
 def test_grpo_stage_with_the_coherent_reward_loads_sft_and_pt(tmp_path, models):
@@ -181,7 +174,7 @@ def test_grpo_stage_with_the_coherent_reward_loads_sft_and_pt(tmp_path, models):
     cfg = _config(tmp_path, "grpo.max_steps=1", "grpo.batch_size=4", "grpo.num_generations=2",
                   "grpo.max_completion_length=8", "reward.coherent=true", "reward.weights={coherent: 1.0}")
     _registry(cfg, models)
-    result = train_grpo(cfg, "r", 1, "m1", PROMPTS_SID, sft_model_id="m1", pt_model_id="m2")
+    result = train_grpo(StageContext(cfg, "r", 1), IterationState(model="m1", prompts=PROMPTS_SID, m1="m1", pt="m2"))
     row = _model_row(cfg, result.stats["model_id"])
     assert row["kind"] == "grpo" and row["train_config"]["reward_functions"] == {"coherent": 1.0}
     assert row["metrics"]["steps"] == 1 and math.isfinite(row["metrics"]["rewards_coherent_mean"])
@@ -210,7 +203,7 @@ def _logp(model, tok, prompt, answer) -> float:
 def test_rs_sft_trains_on_the_best_of_n(tmp_path, models):
     cfg = _config(tmp_path, "rs_sft.min_score=3", "rs_sft.learning_rate=1e-2", "rs_sft.epochs=2")
     _registry(cfg, models)
-    result = train_rs_sft(cfg, "r", 1, "m1", JUDGE_SID)
+    result = train_rs_sft(StageContext(cfg, "r", 1), IterationState(model="m1", judgments=JUDGE_SID))
     s = result.stats
     assert (s["examples"], s["prompts_scored"], s["below_min_score"]) == (7, 8, 1)  # p0's best (2.0) is under 3
     assert s["mean_score"] == 4.5 and s["steps"] == 4
@@ -227,10 +220,10 @@ def test_rs_sft_trains_on_the_best_of_n(tmp_path, models):
 
 def test_accelerate_mode_trains_in_a_child_process(tmp_path, models):
     """train.launch.mode=accelerate: the stage runs `accelerate launch --cpu --num_processes 1 -m
-    flywheel.train_entry rs-sft ...` as a real subprocess, then registers what the child saved."""
+    flywheel.training.entry rs-sft ...` as a real subprocess, then registers what the child saved."""
     cfg = _config(tmp_path, "train.launch.mode=accelerate", "rs_sft.learning_rate=1e-2")
     _registry(cfg, models)
-    result = train_rs_sft(cfg, "r", 1, "m1", JUDGE_SID)
+    result = train_rs_sft(StageContext(cfg, "r", 1), IterationState(model="m1", judgments=JUDGE_SID))
     s = result.stats
     assert s["examples"] == 8 and s["steps"] == 2 and math.isfinite(s["train_loss"])
     assert not (tmp_path / "jobs" / result.stage_run_id).exists()  # removed after success
@@ -243,13 +236,12 @@ def test_accelerate_mode_trains_in_a_child_process(tmp_path, models):
 
 def test_sft_counts_and_reports_examples_too_long_to_learn_from(caplog):
     """TRL drops an example whose prompt alone fills max_length; sft_train says how many, never silently."""
-    from flywheel.config import TinyModelConfig
-    from flywheel.models import build_tiny_model, build_tokenizer
-    from flywheel.train import sft_train
+    from flywheel.models import build_tokenizer
+    from flywheel.training.loops import sft_train
 
     tok = build_tokenizer(["hello world, a small text"] * 20, 300)
-    model = build_tiny_model(TinyModelConfig(vocab_size=300, hidden_size=16, intermediate_size=32, num_layers=1,
-                                             num_heads=2, num_kv_heads=1, max_position=256), tok, 0)
+    model = tiny_model(tok, 0, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
+                       max_position=256)
     examples = [{"prompt": "hi", "completion": "hello"}] * 4 + [{"prompt": "x " * 200, "completion": "y"}] * 2
     with caplog.at_level("WARNING", logger="flywheel"):
         metrics = sft_train(model, tok, examples, epochs=1, lr=1e-3, batch_size=2, max_length=64, device="cpu", seed=0)

@@ -7,7 +7,7 @@ import importlib.util
 import pytest
 
 from flywheel.backends import SamplingParams, check_backend, make_backend, release_backends
-from flywheel.config import ConfigError, GenerateConfig, TinyModelConfig
+from flywheel.config import ConfigError, GenerateConfig
 
 PROMPTS = ["What is a noun?", "List three colours.", "Explain why ice floats on water, briefly please."]
 
@@ -27,15 +27,10 @@ def test_choosing_vllm_without_vllm_is_a_clear_error():
 
 
 def _tiny_model_for_vllm(path):
-    """Like tests/tiny.py's model, but with 64-wide attention heads, a size every vLLM attention kernel supports."""
-    from flywheel.models import build_tiny_model, build_tokenizer, save_atomically
-    from flywheel.seeds import load_seeds, pretrain_corpus
+    """The tests' tiny model, but with 64-wide attention heads, a size every vLLM attention kernel supports."""
+    from tests.helpers.models import save_random_tiny_model
 
-    cfg = TinyModelConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=2,
-                          num_kv_heads=1, max_position=512, pretrain_steps=0)
-    tokenizer = build_tokenizer(pretrain_corpus(load_seeds("seeds/demo.jsonl"), [], 0), cfg.vocab_size)
-    save_atomically(build_tiny_model(cfg, tokenizer, 0), tokenizer, path)
-    return str(path)
+    return str(save_random_tiny_model(path, hidden_size=128, intermediate_size=256, num_heads=2, num_kv_heads=1))
 
 
 def test_real_generate_with_vllm(tmp_path):

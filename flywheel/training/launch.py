@@ -1,17 +1,17 @@
 """Training in its own process, started with `accelerate launch`, so its GPU memory is all freed when it ends.
 
-With `train.launch.mode: accelerate`, a trainer stage (see `flywheel.trainers.train_stage`) writes its job to a folder
+With `train.launch.mode: accelerate`, a trainer stage (see `flywheel.training.job.train_stage`) writes its job to a folder
 (`<registry>/jobs/<stage run id>/`: the config, the training rows, the model paths), runs
 
     accelerate launch --num_processes 8 --num_machines 1 --mixed_precision bf16 \
         --use_deepspeed --deepspeed_config_file configs/deepspeed/zero3.json \
-        -m flywheel.train_entry dpo --config <job>/config.json --job <job>
+        -m flywheel.training.entry dpo --config <job>/config.json --job <job>
 
 and waits. Every process trains (TRL and accelerate split the batches); the main one saves M_{t+1} and writes
 `<job>/metrics.json`; the parent registers the model and removes the folder (kept when the child fails). The child
 never opens the registry. `accelerate_command(cfg, stage, args)` builds the command without running it (a dry run):
 
-    flywheel.launch.accelerate_command(cfg, "dpo", ["--config", "c.json", "--job", "j"])
+    flywheel.training.launch.accelerate_command(cfg, "dpo", ["--config", "c.json", "--job", "j"])
 
 Settings (`train.launch`): num_processes (in all, over all machines), num_machines, mixed_precision, deepspeed_config
 (a ZeRO JSON: configs/deepspeed/zero2.json or zero3.json, whose "auto" values the HF Trainer fills in). Without
@@ -30,48 +30,16 @@ import shlex
 import shutil
 import subprocess
 import sys
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from . import timing
-from .config import ConfigError, FlywheelConfig
+from .. import timing
+from ..config import ConfigError, FlywheelConfig
+from .job import TrainJob
 
 log = logging.getLogger("flywheel")
 
-ENTRY_MODULE = "flywheel.train_entry"
-_PACKAGE_PARENT = Path(__file__).resolve().parents[1]
-SECTIONS = {"dpo": "dpo", "grpo": "grpo", "rloo": "rloo", "rs-sft": "rs_sft", "sft": "sft"}  # trainer -> its config section
-
-
-@dataclass
-class TrainJob:
-    """One training run in plain values, so it can be written to a folder and run by an `accelerate launch` child."""
-
-    trainer: str                     # dpo | grpo | rloo | rs-sft | sft
-    model_path: str                  # M_t
-    out_dir: str                     # where M_{t+1} is saved
-    rows: list[dict] = field(default_factory=list)
-    ref_path: str | None = None      # DPO: a reference other than M_t (M1)
-    sft_path: str | None = None      # GRPO/RLOO with the coherent reward: the SFT and PT models
-    pt_path: str | None = None
-
-    def write(self, folder: Path) -> None:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        folder.mkdir(parents=True, exist_ok=True)
-        pq.write_table(pa.Table.from_pylist(self.rows), folder / "rows.parquet")
-        (folder / "job.json").write_text(json.dumps({k: v for k, v in asdict(self).items() if k != "rows"}, indent=1))
-
-    @classmethod
-    def read(cls, folder: Path) -> "TrainJob":
-        import pyarrow.parquet as pq
-
-        for name in ("job.json", "rows.parquet"):
-            if not (folder / name).is_file():
-                raise FileNotFoundError(f"training job folder {folder} has no {name}")
-        return cls(**json.loads((folder / "job.json").read_text()),
-                   rows=pq.read_table(folder / "rows.parquet").to_pylist())
+ENTRY_MODULE = "flywheel.training.entry"
+_PACKAGE_PARENT = Path(__file__).resolve().parents[2]
 
 
 class TrainProcessError(RuntimeError):
@@ -100,7 +68,7 @@ def _accelerate_executable() -> str:
 
 
 def accelerate_command(cfg: FlywheelConfig, stage: str, args: list[str]) -> list[str]:
-    """The `accelerate launch ... -m flywheel.train_entry <stage> <args>` command for `cfg.train.launch`."""
+    """The `accelerate launch ... -m flywheel.training.entry <stage> <args>` command for `cfg.train.launch`."""
     launch = cfg.train.launch
     cmd = [_accelerate_executable(), "launch", "--num_processes", str(launch.num_processes),
            "--num_machines", str(launch.num_machines), "--mixed_precision", launch.mixed_precision,

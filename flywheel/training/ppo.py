@@ -1,7 +1,7 @@
 """PPO with the coherent reward (SRPPO), written on plain torch + transformers.
 
     metrics = ppo_train(policy, ref_model, tokenizer, prompts, reward_fn, cfg.ppo, device="cpu", seed=0)
-    result = train_ppo(cfg, run_id, iteration, model_id, prompts_sid, sft_model_id, pt_model_id)   # the stage
+    TRAINER.stage(ctx, state)   # the stage: state.prompts, state.model (M_t), state.m1 (SFT), state.pt
 
 One PPO step: sample one response per prompt from the policy (a batch of `rollout_batch_size` prompts, cycling through
 a shuffled list), score each with `reward_fn(prompts, responses) -> list[float]`, then `ppo_epochs` passes of
@@ -29,13 +29,19 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
-from . import timing
-from .backends import release_backends
-from .config import FlywheelConfig, PPOConfig
-from .models import load, resolve_device, save_atomically
-from .registry import Registry
-from .rewards import chat_prompt, check_same_tokenizer, coherent_rewards, pad, pad_id_of
-from .stage import StageResult, run_stage
+from pathlib import Path
+
+from transformers import AutoTokenizer
+
+from .. import timing
+from ..config import FlywheelConfig, PPOConfig
+from ..models import save_atomically
+from ..registry import Registry
+from ..rewards import chat_prompt, check_same_tokenizer, coherent_rewards, pad, pad_id_of
+from ..stage import IterationState, StageContext, StageResult
+from ..reads import kept_prompts
+from .common import coherent_models, train_stage
+from .job import NoTrainingDataError, Trainer, TrainJob
 
 log = logging.getLogger("flywheel")
 
@@ -202,46 +208,46 @@ def _progress_bar(enabled: bool, total: int):
     return bar, bar.add_task("ppo", total=total)
 
 
-def train_ppo(cfg: FlywheelConfig, run_id: str, iteration: int, model_id: str, prompts_sid: str, sft_model_id: str,
-              pt_model_id: str) -> StageResult:
-    """M_{t+1} = PPO of M_t on the kept prompts of `prompts_sid`, rewarded by the coherent reward of the SFT and PT
-    models, with the SFT model as the KL reference."""
-    c = cfg.ppo
-    device = resolve_device(cfg.run.device)
-    inputs = {"model": model_id, "prompts": prompts_sid, "sft": sft_model_id, "pt": pt_model_id,
-              "cfg": c.model_dump(mode="json"), "normalize_by_length": cfg.reward.normalize_by_length,
+def train_ppo(ctx: StageContext, state: IterationState) -> StageResult:
+    """M_{t+1} = PPO of M_t on the kept prompts of `state.prompts`, rewarded by the coherent reward of the SFT and PT
+    models (`state.m1`, `state.pt`), with the SFT model as the KL reference."""
+    cfg, model_id = ctx.cfg, state.model
+    inputs = {"model": model_id, "prompts": state.prompts, "sft": state.m1, "pt": state.pt,
+              "cfg": cfg.ppo.model_dump(mode="json"), "normalize_by_length": cfg.reward.normalize_by_length,
               "seed": cfg.run.seed}
 
-    def work(reg: Registry, sid: str) -> dict:
-        prompts = [r["text"] for r in reg.rows(
-            "SELECT text FROM prompts WHERE stage_run_id = ? AND kept ORDER BY prompt_id", [prompts_sid])]
-        if not prompts:
-            raise ValueError(f"PPO (iteration {iteration}): the prompt stage {prompts_sid} kept no prompts")
-        release_backends()
-        policy, tokenizer = load(reg.model(model_id)["path"], device)
-        sft, tok_sft = load(reg.model(sft_model_id)["path"], device)
-        pt, tok_pt = load(reg.model(pt_model_id)["path"], device)
-        check_same_tokenizer(tok_sft, tok_pt)
-        check_same_tokenizer(tokenizer, tok_sft, "policy", "SFT")
+    def make_job(reg: Registry, sid: str) -> tuple[TrainJob, dict]:
+        rows = kept_prompts(reg, state.prompts)
+        if not rows:
+            raise NoTrainingDataError(f"PPO (iteration {ctx.iteration}): the prompt stage {state.prompts} kept no "
+                                      "prompts")
+        job = TrainJob("ppo", reg.model(model_id)["path"], str(reg.model_dir(sid)),
+                       [{"prompt": r["prompt"]} for r in rows], sft_path=reg.model(state.m1)["path"],
+                       pt_path=reg.model(state.pt)["path"])
+        return job, {"ref_model_id": state.m1, "stats": {"prompts": len(rows)}}
 
-        def reward_fn(batch_prompts, responses):
-            scores = coherent_rewards(sft, pt, tokenizer, batch_prompts, responses, batch_size=cfg.reward.batch_size,
-                                      normalize=cfg.reward.normalize_by_length, device=device)
-            bad = [s for s in scores if s["value"] is None]
-            if bad:
-                raise ValueError(f"PPO: the coherent reward of {len(bad)} response(s) could not be computed: "
-                                 f"{bad[0]['error']}; lower ppo.max_new_tokens")
-            return [s["value"] for s in scores]
+    return train_stage(ctx, TRAINER, model_id, inputs, make_job)
 
-        metrics = ppo_train(policy, sft, tokenizer, prompts, reward_fn, c, device=device, seed=cfg.run.seed)
-        history = metrics.pop("history")
-        save_atomically(policy, tokenizer, reg.model_dir(sid))
-        reg.register_model(model_id=sid, run_id=run_id, name=f"M{iteration + 1}", kind="ppo", iteration=iteration,
-                           parent_id=model_id, path=str(reg.model_dir(sid)), stage_run_id=sid,
-                           config_hash=cfg.config_hash(), metrics={**metrics, "prompts": len(prompts),
-                                                                   "history": history},
-                           ref_model_id=sft_model_id, train_config=c.model_dump(mode="json"))
-        return {"model_id": sid, "path": str(reg.model_dir(sid)), "prompts": len(prompts),
-                "reward_first": history[0]["reward"], **metrics}
 
-    return run_stage(cfg, "ppo", run_id, iteration, model_id, inputs, work)
+def fit_ppo(cfg: FlywheelConfig, job: TrainJob, policy, tokenizer, *, device: str, seed: int, save_dir: str) -> dict:
+    sft, pt = coherent_models(job, device)
+    check_same_tokenizer(AutoTokenizer.from_pretrained(job.sft_path), AutoTokenizer.from_pretrained(job.pt_path))
+    check_same_tokenizer(tokenizer, AutoTokenizer.from_pretrained(job.sft_path), "policy", "SFT")
+    policy = policy.to(device)
+
+    def reward_fn(batch_prompts, responses):
+        scores = coherent_rewards(sft, pt, tokenizer, batch_prompts, responses, batch_size=cfg.reward.batch_size,
+                                  normalize=cfg.reward.normalize_by_length, device=device)
+        bad = [s for s in scores if s["value"] is None]
+        if bad:
+            raise ValueError(f"PPO: the coherent reward of {len(bad)} response(s) could not be computed: "
+                             f"{bad[0]['error']}; lower ppo.max_new_tokens")
+        return [s["value"] for s in scores]
+
+    metrics = ppo_train(policy, sft, tokenizer, [r["prompt"] for r in job.rows], reward_fn, cfg.ppo, device=device,
+                        seed=seed)
+    save_atomically(policy, tokenizer, Path(save_dir))
+    return {**metrics, "reward_first": metrics["history"][0]["reward"]}
+
+
+TRAINER = Trainer("ppo", section="ppo", consumes=("prompts",), stage=train_ppo, fit=fit_ppo)

@@ -33,7 +33,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from trl import DPOConfig as TRLDPOConfig
 from trl import DPOTrainer, GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer, SFTConfig, SFTTrainer
 
-from . import timing
+from .. import timing
 
 # Keep the trainers' own step progress bar; silence per-map bars, load/save bars and a deprecation TRL triggers.
 datasets.disable_progress_bars()

@@ -1,0 +1,157 @@
+"""One flywheel run, read top to bottom: what runs, in which order, on what. No Prefect here.
+
+    run_id = run(cfg)                                   # lock; seeds -> PT -> M1; iterations 1..n; the report
+    state = run_bootstrap(cfg, run_id)                  # iteration 0: seeds, base model (PT), M1
+    state = run_iteration(cfg, run_id, 1, state)        # M_t -> M_{t+1}
+
+Every stage is a `Step` (flywheel/stage.py): it reads fields of the `IterationState` (stage run ids, model ids) and
+adds one. An iteration is the data steps below, then the trainer `train.trainer` names (flywheel/training/: its
+stage reads what it `consumes`). `flows/` wraps these same functions as Prefect flows and each step as a task (the
+`call` and `iterate` arguments); the CLI, `resume`, the nightly schedule, `experiment`, the benches and the tests
+all come through here. Each stage skips what the registry already holds, so calling `run` again resumes a run.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from typing import Callable
+
+from . import bootstrap, generate, judge, pairs, report, reward_stage, runs, self_instruct
+from .config import ConfigError, FlywheelConfig
+from .lock import registry_lock
+from .registry import Registry
+from .stage import IterationState, StageContext, Step
+from .training import M1_SFT, TRAINERS, Trainer
+
+log = logging.getLogger("flywheel")
+
+# --- iteration 0 -----------------------------------------------------------------------------------------------------
+SEEDS = Step("seeds", (), "seeds", lambda ctx, s: bootstrap.import_seeds(ctx.cfg, ctx.run_id))
+BASE = Step("base", ("seeds",), "pt", lambda ctx, s: bootstrap.build_base(ctx.cfg, ctx.run_id, s.seeds))
+M1 = Step("sft", ("pt", "seeds"), "m1", M1_SFT.stage)
+BOOTSTRAP = (SEEDS, BASE, M1)
+
+# --- each iteration: the data steps, then the trainer ----------------------------------------------------------------
+SELF_INSTRUCT = Step("self_instruct", ("model", "seeds", "earlier_prompts"), "prompts",
+                     lambda ctx, s: self_instruct.self_instruct(ctx.cfg, ctx.run_id, ctx.iteration, s.model, s.seeds,
+                                                                list(s.earlier_prompts)))
+GENERATE = Step("generate", ("model", "prompts"), "candidates",
+                lambda ctx, s: generate.generate(ctx.cfg, ctx.run_id, ctx.iteration, s.model, s.prompts))
+JUDGE = Step("judge", ("model", "candidates"), "judgments",
+             lambda ctx, s: judge.judge(ctx.cfg, ctx.run_id, ctx.iteration, s.model, s.candidates),
+             when=lambda cfg: "judge" in cfg.reward.weights)  # a weight of 0 keeps the judge for the report's monitors
+REWARD = Step("reward", ("candidates", "m1", "pt"), "rewards",
+              lambda ctx, s: reward_stage.reward(ctx.cfg, ctx.run_id, ctx.iteration, s.candidates, s.m1, s.pt),
+              when=lambda cfg: bool(cfg.reward.coherent or cfg.reward.rules))
+PAIRS = Step("pairs", ("judgments", "rewards"), "pairs",
+             lambda ctx, s: pairs.build_pairs(ctx.cfg, ctx.run_id, ctx.iteration, s.judgments, s.rewards))
+DATA_STEPS = (SELF_INSTRUCT, GENERATE, JUDGE, REWARD, PAIRS)
+
+
+def train_step(trainer: Trainer) -> Step:
+    return Step(trainer.name, ("model", *trainer.consumes), "model", trainer.stage)
+
+
+def steps_for(cfg: FlywheelConfig, iteration: int) -> list[Step]:
+    """The steps of iteration `iteration`: the data steps its config turns on, then its trainer. A trainer on the seeds
+    alone (the plain-SFT baseline) skips the data steps."""
+    trainer = TRAINERS[cfg.train.trainer_for(iteration)]
+    data = [s for s in DATA_STEPS if s.when(cfg)] if trainer.needs_iteration_data else []
+    return [*data, train_step(trainer)]
+
+
+# How a step is called: here, directly; the Prefect flow passes one that runs it as a task.
+Call = Callable[[Step, StageContext, IterationState], IterationState]
+
+
+def call_here(step: Step, ctx: StageContext, state: IterationState) -> IterationState:
+    return step(ctx, state)[1]
+
+
+def run_bootstrap(cfg: FlywheelConfig, run_id: str, call: Call = call_here) -> IterationState:
+    """Seeds -> PT -> M1. The state iteration 1 starts from (M_t = M1)."""
+    ctx, state = StageContext(cfg, run_id, 0), IterationState()
+    with registry_lock(cfg.registry.root, run_id):
+        for step in BOOTSTRAP:
+            state = call(step, ctx, state)
+    return replace(state, model=state.m1)
+
+
+def run_iteration(cfg: FlywheelConfig, run_id: str, iteration: int, state: IterationState,
+                  call: Call = call_here) -> IterationState:
+    """M_t -> M_{t+1}: each step of `steps_for(cfg, iteration)` on the state carried from the last. Returns the state
+    the next iteration starts from (its M_t, and this iteration's prompts among the earlier ones)."""
+    ctx = StageContext(cfg, run_id, iteration)
+    with registry_lock(cfg.registry.root, run_id):
+        with ctx.registry() as reg:
+            reg.start_iteration(run_id, iteration, state.model)
+        for step in steps_for(cfg, iteration):
+            state = call(step, ctx, state)
+        with ctx.registry() as reg:
+            reg.finish_iteration(run_id, iteration, state.model)
+    return next_state(state)
+
+
+def next_state(state: IterationState) -> IterationState:
+    earlier = state.earlier_prompts + ((state.prompts,) if state.prompts else ())
+    return IterationState(seeds=state.seeds, pt=state.pt, m1=state.m1, model=state.model, earlier_prompts=earlier)
+
+
+def run(cfg: FlywheelConfig, call: Call = call_here, iterate=run_iteration) -> str:
+    """Run (or resume) the flywheel of `cfg`: seeds -> PT -> M1, then `run.iterations` iterations, then the report
+    (Markdown + plots in the registry). Holds the registry lock throughout: a second run on the same registry stops at
+    once (RegistryBusyError, naming this one). An iteration the registry records as finished is skipped whole. Returns
+    the run id. `iterate(cfg, run_id, t, state, call)` runs one iteration (the flow passes a Prefect subflow)."""
+    run_id = runs.run_id_for(cfg)
+    ctx = StageContext(cfg, run_id)
+    with registry_lock(cfg.registry.root, run_id):
+        with ctx.registry() as reg:
+            already_done = reg.scalar("SELECT status FROM runs WHERE run_id = ?", [run_id]) == "done"
+            runs.start_run(reg, cfg)  # a re-run of a finished run changes nothing, and writes no new report
+        try:
+            state = run_bootstrap(cfg, run_id, call)
+            for t in range(1, cfg.run.iterations + 1):
+                with ctx.registry() as reg:
+                    done = runs.finished_iteration(reg, run_id, t)
+                if done:
+                    state = next_state(replace(state, model=done["model_id"], prompts=done["prompts_sid"]))
+                    continue
+                state = iterate(cfg, run_id, t, state, call)
+                with ctx.registry() as reg:
+                    warn_monitors(reg, run_id, t)
+        except BaseException:
+            with ctx.registry() as reg:
+                reg.finish_run(run_id, "failed")
+            raise
+        with ctx.registry() as reg:
+            reg.finish_run(run_id, "done")
+            if not already_done or not (report.report_dir(reg, run_id) / "report.md").is_file():
+                report.write(reg, run_id)
+    return run_id
+
+
+def warn_monitors(reg: Registry, run_id: str, iteration: int) -> None:
+    """Log each reward-hacking monitor that fired on this iteration as a warning (Prefect shows the 'flywheel'
+    logger's records in the flow run's log)."""
+    for c in report.warnings_for(reg, run_id, iteration):
+        log.warning("monitor %s (%s), iteration %d: %s", c.name, c.failure_mode, iteration, c.message)
+
+
+def preflight(cfg: FlywheelConfig) -> None:
+    """Fail before the run starts on inputs that are missing or malformed."""
+    from .backends import check_backend
+    from .bases import resolve_base
+    from .seeds import load_seed_data
+
+    resolve_base(cfg.model.base)  # a missing package or file, or a GGUF this install cannot read: named here
+    load_seed_data(cfg.seeds.path, cfg.seeds.format)
+    check_backend(cfg.generate)
+    judge.check_judge(cfg)
+    if cfg.model.base == "tiny" and cfg.model.tiny.corpus:
+        bootstrap.read_corpus(cfg.model.tiny.corpus)
+    if cfg.self_instruct.prompts_file:
+        self_instruct.read_prompts_file(cfg.self_instruct.prompts_file)
+    for name, path in (("judge.template", cfg.judge.template), ("self_instruct.template", cfg.self_instruct.template)):
+        if not path.is_file():
+            raise ConfigError(f"{name}: template file not found: {path}")
