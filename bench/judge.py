@@ -4,8 +4,8 @@
     python bench/judge.py --smoke                     # a random tiny model, 4 candidates
 
 Both modes judge the same candidates (seed instructions with their answers) with the same template through the
-transformers backend, as the judge stage does: `choice_probs` after "Score:" for the probability mode, `generate`
-with k samples of up to --tokens new tokens for the sampled mode (the paper: 3 samples; a judgment with a short
+transformers backend and the judge stage's own function, `flywheel.stages.judge.verdicts`: `choice_probs` after
+"Score:" for the probability mode, `generate` with k samples of up to --tokens new tokens for the sampled mode (the paper: 3 samples; a judgment with a short
 justification needs ~60 tokens). Throughput is candidates judged per second, best of --repeats after a warm-up call.
 """
 
@@ -50,30 +50,30 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from flywheel.backends import SamplingParams, TransformersBackend
-    from flywheel.judge import PROB_PREFIX, SCORE_CHOICES, prob_verdict
-    from flywheel.score_parser import parse_score
+    from flywheel.backends import TransformersBackend
+    from flywheel.config import JudgeConfig
+    from flywheel.stages.judge import verdicts
 
     with tempfile.TemporaryDirectory() as tmp:
         backend = TransformersBackend(str(model_for(args, tmp)), "cpu")
     template = Path(args.template).read_text()
-    questions, answers = seed_pairs(count)
-    texts = [template.format(instruction=q, response=a) for q, a in zip(questions, answers)]
-    params = SamplingParams(n=args.samples, temperature=0.7, top_p=0.9, max_new_tokens=tokens)
+    items = list(zip(*seed_pairs(count)))
+    settings = {mode: JudgeConfig(mode=mode, samples=args.samples, temperature=0.7, top_p=0.9, max_new_tokens=tokens,
+                                  batch_size=args.batch_size) for mode in ("prob", "sample")}
     found: dict[str, list] = {}
 
+    def judged(mode: str) -> None:  # as the judge stage does: `verdicts` on each batch, a seed per batch
+        scores = []
+        for i in range(0, len(items), args.batch_size):
+            for v in verdicts(backend, template, items[i : i + args.batch_size], settings[mode], seed=i):
+                scores += v.scores
+        found[mode] = scores
+
     def prob() -> None:
-        probs = []
-        for i in range(0, len(texts), args.batch_size):
-            probs += backend.choice_probs(texts[i : i + args.batch_size], PROB_PREFIX, SCORE_CHOICES,
-                                          batch_size=args.batch_size)
-        found["prob"] = [prob_verdict(x)[0] for x in probs]
+        judged("prob")
 
     def sampled() -> None:
-        outs = []
-        for i in range(0, len(texts), args.batch_size):
-            outs += backend.generate(texts[i : i + args.batch_size], params, seed=i, chat=True)
-        found["sample"] = [parse_score(g.text).score for gens in outs for g in gens]
+        judged("sample")
 
     prob()
     sampled()  # warm-up, and the scores for the notes

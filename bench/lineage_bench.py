@@ -28,9 +28,9 @@ from pathlib import Path
 
 from _common import print_table  # sets the environment; first
 
-from flywheel.datasets import freeze_stage_outputs, read_version
-from flywheel.lineage import lineage
 from flywheel.registry import Registry
+from flywheel.registry.datasets import freeze_stage_outputs, read_version
+from flywheel.registry.lineage import lineage
 
 RUN = "bench-run"
 SID = {s: f"{s}-{i:016x}" for i, s in enumerate(["seeds", "base", "sft", "self_instruct", "generate", "judge",

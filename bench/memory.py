@@ -13,8 +13,17 @@ minus the RSS at the stage's start. The baseline is the process after its import
 
 from __future__ import annotations
 
-from _common import (PeakMeter, Probe, flow_args, flow_config, import_flow, prefect_startup, print_table,
-                     registry_note, rss_mb)
+from _common import (
+    PeakMeter,
+    Probe,
+    flow_args,
+    flow_config,
+    import_flow,
+    prefect_startup,
+    print_table,
+    registry_note,
+    rss_mb,
+)
 
 
 def main() -> None:

@@ -4,9 +4,9 @@
     python bench/pairs.py --smoke       # 2,500 prompts
 
 Synthetic rows (scores 0-5, one judge sample in 20 a parse failure, ~100-character texts) are written into a real
-registry file. The project's own pairs stage (`flywheel.pairs.build_pairs`: its SQL, stats, ledger and the dataset
+registry file. The project's own pairs stage (`flywheel.stages.pairs.build_pairs`: its SQL, stats, ledger and the dataset
 versions it freezes, "pairs" and "train") runs on them, timed as a whole and in parts (its statement and the freeze are
-timed by wrapping `flywheel.pairs.select_pairs` and `flywheel.stage.freeze_stage_outputs`, so what is timed is the
+timed by wrapping `flywheel.stages.pairs.select_pairs` and `flywheel.stage.freeze_stage_outputs`, so what is timed is the
 code the stage runs). The baseline does the same selection with pandas (mean of the valid samples per candidate, then
 per prompt the best and worst with ties broken by candidate id, a sha256 pair id, the texts joined) from DataFrames
 already in memory, and writes the same training table (prompt, chosen, rejected, then ids and scores, in pair id
@@ -74,7 +74,7 @@ def synthesize(reg, prompts: int, n: int, k: int) -> None:
 
 
 def pandas_pairs(cands, judgments, prompts, sid: str, out: Path):
-    """The same selection as flywheel/pairs.py's statement (rho 0, judge only, min_margin 0), in pandas, and the
+    """The same selection as flywheel/stages/pairs.py's statement (rho 0, judge only, min_margin 0), in pandas, and the
     same training table (the train dataset's columns, in pair id order) written as zstd Parquet."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -105,8 +105,8 @@ def main() -> None:
     args = p.parse_args()
     prompts_n = args.prompts or (2_500 if args.smoke else 250_000)
 
-    import flywheel.pairs
     import flywheel.stage
+    import flywheel.stages.pairs
     from flywheel.config import load_config
     from flywheel.registry import Registry
 
@@ -142,20 +142,20 @@ def main() -> None:
                 per_version[name] = per_version.get(name, 0.0) + time.perf_counter() - t
         return wrapper
 
-    import flywheel.datasets
+    import flywheel.registry.datasets
 
-    originals = (flywheel.pairs.select_pairs, flywheel.stage.freeze_stage_outputs, flywheel.datasets.freeze_dataset)
-    flywheel.pairs.select_pairs = timed("statement", flywheel.pairs.select_pairs)  # pairs + texts table, INSERT
+    originals = (flywheel.stages.pairs.select_pairs, flywheel.stage.freeze_stage_outputs, flywheel.registry.datasets.freeze_dataset)
+    flywheel.stages.pairs.select_pairs = timed("statement", flywheel.stages.pairs.select_pairs)  # pairs + texts table, INSERT
     flywheel.stage.freeze_stage_outputs = timed("freeze", flywheel.stage.freeze_stage_outputs)
-    flywheel.datasets.freeze_dataset = each_version(flywheel.datasets.freeze_dataset)
+    flywheel.registry.datasets.freeze_dataset = each_version(flywheel.registry.datasets.freeze_dataset)
     t0 = time.perf_counter()
-    result = flywheel.pairs.build_pairs(cfg, "bench", 1, SID)
+    result = flywheel.stages.pairs.build_pairs(cfg, "bench", 1, SID)
     stage = time.perf_counter() - t0
-    flywheel.pairs.select_pairs, flywheel.stage.freeze_stage_outputs, flywheel.datasets.freeze_dataset = originals
+    flywheel.stages.pairs.select_pairs, flywheel.stage.freeze_stage_outputs, flywheel.registry.datasets.freeze_dataset = originals
     work = result.stats["wall_s"]  # the stage's work, ledger and registry open: no dataset freeze
     versions = result.stats["dataset_versions"]
 
-    from flywheel.datasets import read_version
+    from flywheel.registry.datasets import read_version
 
     with Registry(tmp) as reg:
         duck = {(r["prompt_id"], r["chosen_id"], r["rejected_id"]) for r in reg.rows(
@@ -182,10 +182,10 @@ def main() -> None:
 
     stats = work - parts["statement"]
     rows = [
-        ["project pair statement (flywheel.pairs.select_pairs: best/worst, pairs + texts table, INSERT INTO pairs)",
+        ["project pair statement (flywheel.stages.pairs.select_pairs: best/worst, pairs + texts table, INSERT INTO pairs)",
          f"{parts['statement']:.3f}", ratio(baseline, parts["statement"])],
         ["project stats query, registry open, ledger", f"{stats:.3f}", "-"],
-        ["project dataset freeze (flywheel/datasets.py: COPY + content hash of each version)",
+        ["project dataset freeze (flywheel/registry/datasets.py: COPY + content hash of each version)",
          f"{parts['freeze']:.3f}", ratio(baseline, parts["freeze"])],
         *[[f"  of which the {name} version", f"{seconds:.3f}", "-"] for name, seconds in per_version.items()],
         ["= build_pairs call, total", f"{stage:.3f}", ratio(baseline, stage)],

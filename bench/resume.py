@@ -6,7 +6,7 @@
 
 Runs the real Prefect flow in this process. The first run (skipped when the registry already holds the finished
 run) is the baseline; the second must skip every stage from the ledger. Model loads are counted by wrapping
-`flywheel.models.load` wherever a stage module bound it, and `AutoModelForCausalLM.from_pretrained`. Prefect's
+`flywheel.backends.models.load` wherever a stage module bound it, and `AutoModelForCausalLM.from_pretrained`. Prefect's
 start-up is measured apart, by an empty flow run first. Goal: the re-run <= 2 s, zero model loads.
 """
 
@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import time
 
-from _common import (Probe, flow_args, flow_config, import_flow, prefect_startup, print_table, ratio,
-                     registry_note)
+from _common import Probe, flow_args, flow_config, import_flow, prefect_startup, print_table, ratio, registry_note
 
 
 def main() -> None:
@@ -25,7 +24,7 @@ def main() -> None:
     startup = prefect_startup()
 
     from flywheel.registry import Registry
-    from flywheel.runs import run_id_for
+    from flywheel.registry.runs import run_id_for
 
     run_id = run_id_for(cfg)
     with Registry(cfg.registry.root) as reg:
@@ -52,7 +51,7 @@ def main() -> None:
             ["iterations skipped whole (no stage called)",
              f"{cfg.run.iterations - len({s.iteration for s in probe.stages if s.iteration >= 1})} / {cfg.run.iterations}",
              "-"],
-            ["flywheel.models.load calls", probe.loads["flywheel.models.load"], "0"],
+            ["flywheel.backends.models.load calls", probe.loads["flywheel.backends.models.load"], "0"],
             ["AutoModelForCausalLM.from_pretrained calls", probe.loads["from_pretrained"], "0"],
             ["Prefect start-up (apart)", f"{startup:.2f} s", "-"]]
     print_table(f"Resume of a finished run: {run_id}", ["measure", "value", "goal"], rows,

@@ -1,4 +1,4 @@
-"""Coherent-reward scoring speed: `flywheel.rewards.coherent_rewards` against a bare batched forward pass.
+"""Coherent-reward scoring speed: `flywheel.signals.coherent_rewards` against a bare batched forward pass.
 
     python bench/reward.py            # the demo config's model size, 512 (prompt, response) pairs from the seeds
     python bench/reward.py --smoke    # tests/tiny.py's size, 32 pairs
@@ -49,8 +49,8 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from flywheel.models import load
-    from flywheel.rewards import coherent_rewards, encode, pad
+    from flywheel.backends.models import load
+    from flywheel.signals import coherent_rewards, encode, pad
 
     with tempfile.TemporaryDirectory() as tmp:
         sft_path = tiny_model(Path(tmp) / "sft", smoke=args.smoke, seed=0)

@@ -12,7 +12,8 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
-from flywheel import pipeline, report
+from flywheel import pipeline
+from flywheel.analysis import report
 from flywheel.config import FlywheelConfig
 from flywheel.registry import Registry
 from flywheel.schedule import is_transient

@@ -20,11 +20,11 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
-from flywheel.config import load_config
-from flywheel.lock import registry_lock
-from flywheel.pipeline import preflight
-from flywheel.schedule import NextIteration, next_iteration
 from flows.flywheel_flow import flywheel_flow, retry_transient
+from flywheel.config import load_config
+from flywheel.pipeline import preflight
+from flywheel.registry.lock import registry_lock
+from flywheel.schedule import NextIteration, next_iteration
 
 FLOW_NAME = "flywheel-nightly"
 

@@ -5,7 +5,7 @@
     schedule_lines()              # one description per schedule: state, cron, next run, last run, config
     act("pause", NAME)            # pause | resume | remove | run
 
-`flywheel schedule` (flywheel/commands/schedule.py) is the command line over these. Every function needs a Prefect
+`flywheel schedule` (flywheel/cli/schedule.py) is the command line over these. Every function needs a Prefect
 server (`prefect server start`, and PREFECT_API_URL set): the temporary one Prefect starts by itself cannot schedule.
 """
 
@@ -15,9 +15,9 @@ import os
 from pathlib import Path
 from typing import Callable
 
+from flows.nightly import FLOW_NAME, nightly_flow
 from flywheel.config import load_config
 from flywheel.pipeline import preflight
-from flows.nightly import FLOW_NAME, nightly_flow
 
 
 def server_url() -> str:
@@ -111,8 +111,13 @@ def schedule_lines() -> list[str]:
 
 
 def _lines(client) -> list[str]:
-    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId, FlowRunFilter, FlowRunFilterState
-    from prefect.client.schemas.filters import FlowRunFilterStateType
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterId,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
     from prefect.client.schemas.objects import StateType
     from prefect.client.schemas.sorting import FlowRunSort
 

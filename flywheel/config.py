@@ -18,7 +18,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .monitors import MonitorsConfig
+from .analysis.monitors import MonitorsConfig
 
 
 class ConfigError(ValueError):
@@ -77,7 +77,7 @@ class TinyModelConfig(_Section):
 class ModelConfig(_Section):
     base: str = Field("tiny", description="'tiny' builds a model locally; a built-in name (`smollm2-135m-instruct`, "
                       "from an installed package); a .gguf file (converted once into the registry); a local "
-                      "model folder; or a hub id. See flywheel/bases.py.")
+                      "model folder; or a hub id. See flywheel/backends/bases.py.")
     tiny: TinyModelConfig = TinyModelConfig()
 
 

@@ -17,11 +17,12 @@ import logging
 from dataclasses import replace
 from typing import Callable
 
-from . import bootstrap, generate, judge, pairs, report, reward_stage, runs, self_instruct
+from .analysis import report
 from .config import ConfigError, FlywheelConfig
-from .lock import registry_lock
-from .registry import Registry
+from .registry import Registry, runs
+from .registry.lock import registry_lock
 from .stage import IterationState, StageContext, Step
+from .stages import bootstrap, generate, judge, pairs, reward, self_instruct
 from .training import M1_SFT, TRAINERS, Trainer
 
 log = logging.getLogger("flywheel")
@@ -42,7 +43,7 @@ JUDGE = Step("judge", ("model", "candidates"), "judgments",
              lambda ctx, s: judge.judge(ctx.cfg, ctx.run_id, ctx.iteration, s.model, s.candidates),
              when=lambda cfg: "judge" in cfg.reward.weights)  # a weight of 0 keeps the judge for the report's monitors
 REWARD = Step("reward", ("candidates", "m1", "pt"), "rewards",
-              lambda ctx, s: reward_stage.reward(ctx.cfg, ctx.run_id, ctx.iteration, s.candidates, s.m1, s.pt),
+              lambda ctx, s: reward.reward(ctx.cfg, ctx.run_id, ctx.iteration, s.candidates, s.m1, s.pt),
               when=lambda cfg: bool(cfg.reward.coherent or cfg.reward.rules))
 PAIRS = Step("pairs", ("judgments", "rewards"), "pairs",
              lambda ctx, s: pairs.build_pairs(ctx.cfg, ctx.run_id, ctx.iteration, s.judgments, s.rewards))
@@ -141,8 +142,8 @@ def warn_monitors(reg: Registry, run_id: str, iteration: int) -> None:
 def preflight(cfg: FlywheelConfig) -> None:
     """Fail before the run starts on inputs that are missing or malformed."""
     from .backends import check_backend
-    from .bases import resolve_base
-    from .seeds import load_seed_data
+    from .backends.bases import resolve_base
+    from .stages.seeds import load_seed_data
 
     resolve_base(cfg.model.base)  # a missing package or file, or a GGUF this install cannot read: named here
     load_seed_data(cfg.seeds.path, cfg.seeds.format)

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from pydantic import ValidationError
 
 from .config import FlywheelConfig, content_hash
-from .lock import RegistryBusyError
 from .registry import Registry, RegistryLockedError
-from .runs import run_id_for
+from .registry.lock import RegistryBusyError
+from .registry.runs import run_id_for
 
 
 def family_hash(config: dict) -> str:

@@ -20,11 +20,11 @@ from typing import Callable, Iterator
 
 from . import timing
 from .backends import GenerationBackend, make_backend
+from .backends.models import apply_threads, resolve_device
 from .config import ConfigError, FlywheelConfig, content_hash
-from .datasets import freeze_stage_outputs
-from .models import apply_threads, resolve_device
 from .progress import progress
 from .registry import Registry
+from .registry.datasets import freeze_stage_outputs
 
 log = logging.getLogger("flywheel")
 

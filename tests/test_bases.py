@@ -12,11 +12,11 @@ import pytest
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from flywheel import bases
-from flywheel.bases import BUILTIN, Builtin, resolve_base
-from flywheel.bootstrap import build_base
+from flywheel.backends import bases
+from flywheel.backends.bases import BUILTIN, Builtin, resolve_base
+from flywheel.backends.models import load, save_atomically
 from flywheel.config import ConfigError, load_config
-from flywheel.models import load, save_atomically
+from flywheel.stages.bootstrap import build_base
 from tests.helpers.models import save_random_tiny_model
 
 

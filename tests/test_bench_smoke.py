@@ -76,7 +76,7 @@ def test_overhead_then_resume(api_env, tmp_path):
 
     table = by_first(run_bench("resume", "--smoke", "--registry", str(tmp_path), env=api_env))
     assert table["first run (baseline)"][0] == "finished before (not timed)"
-    assert table["flywheel.models.load calls"][0] == "0"
+    assert table["flywheel.backends.models.load calls"][0] == "0"
     assert table["AutoModelForCausalLM.from_pretrained calls"][0] == "0"
     skipped, called = table["stages skipped / called"][0].split(" / ")
     assert skipped == called and int(called) == 3  # seeds, base, sft; the finished iteration is skipped whole

@@ -9,10 +9,19 @@ import pyarrow.parquet as pq
 import pytest
 
 from flywheel import cli
-from flywheel.datasets import (DatasetIntegrityError, code_hash, diff_pairs, export_version, file_content_sha256,
-                               freeze_stage_outputs, list_versions, read_version, restore_version,
-                               run_iteration_version)
 from flywheel.registry import Registry
+from flywheel.registry.datasets import (
+    DatasetIntegrityError,
+    code_hash,
+    diff_pairs,
+    export_version,
+    file_content_sha256,
+    freeze_stage_outputs,
+    list_versions,
+    read_version,
+    restore_version,
+    run_iteration_version,
+)
 from tests.helpers.staged import PROMPTS, SEEDS, build_flywheel
 from tests.helpers.staged import versions as _versions
 
@@ -210,7 +219,7 @@ def test_diff_of_two_pair_sets(two_runs, capsys):
 
 def test_content_hash_does_not_depend_on_how_the_file_is_read(two_runs, monkeypatch):
     """The hash streams the file in batches; batch boundaries must not change it."""
-    import flywheel.datasets as ds
+    import flywheel.registry.datasets as ds
 
     root, run, _ = two_runs
     with Registry(root) as reg:

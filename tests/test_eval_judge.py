@@ -8,8 +8,8 @@ from itertools import combinations
 
 import pytest
 
+from flywheel.analysis.eval_judge import agreement
 from flywheel.cli import main
-from flywheel.eval_judge import agreement
 from flywheel.registry import Registry, now
 
 # Hand-computed. A: ranks 0,1,2 / scores 5,3,4: pairs agree, agree, disagree; Spearman 1 - 6*2/(3*8) = 0.5;
@@ -65,8 +65,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def judge_model(tmp_path_factory):
     """A random tiny Llama given 40 real optimiser steps (4 prompts each) to answer the short judge prompt with
     'Score: <0-5>' (the digit random), so it emits parseable, arbitrary verdicts."""
-    from flywheel.models import load, save_atomically
-    from flywheel.seeds import load_seed_data
+    from flywheel.backends.models import load, save_atomically
+    from flywheel.stages.seeds import load_seed_data
     from tests.helpers.models import save_random_tiny_model, teach_score_format
 
     root = tmp_path_factory.mktemp("judge")

@@ -6,10 +6,10 @@ import json
 
 import pytest
 
+from flywheel.analysis.experiment import load_experiment, run_experiment, write_results
+from flywheel.analysis.miniworld import is_correct
 from flywheel.cli import main as cli_main
 from flywheel.config import ConfigError
-from flywheel.experiment import load_experiment, run_experiment, write_results
-from flywheel.miniworld import is_correct
 from flywheel.registry import Registry
 
 pytestmark = pytest.mark.slow  # an experiment through Prefect, every variant trained
@@ -48,8 +48,8 @@ def test_every_variant_scores_m1_and_m2_or_records_why_it_stopped(smoke):
 
 def test_exact_match_is_recomputed_from_the_models_answers(smoke):
     """The cached score of M1 matches a fresh greedy decode checked against the test file."""
+    from flywheel.analysis.miniworld import read_jsonl
     from flywheel.backends import SamplingParams, make_backend
-    from flywheel.miniworld import read_jsonl
 
     exp, root, rows = smoke
     m1 = next(r for r in rows if r["model"] == "M1")

@@ -8,16 +8,23 @@ import json
 import pytest
 import torch
 
-from flywheel import judge
+from flywheel.analysis.eval_judge import Agreement, agreement, by_prompt, judge_ranked
 from flywheel.backends import Generation, OpenAIBackend, TransformersBackend, release_backends
+from flywheel.backends.models import load, save_atomically
 from flywheel.cli import main
 from flywheel.config import ConfigError, OpenAIBackendConfig, load_config
-from flywheel.eval_judge import Agreement, agreement, by_prompt, judge_ranked
-from flywheel.judge import (MIN_PROB_MASS, PROB_PREFIX, SCORE_CHOICES, Verdicts, check_judge, prob_verdict,
-                            verdicts)
-from flywheel.models import load, save_atomically
 from flywheel.registry import Registry, now
-from flywheel.seeds import load_seed_data
+from flywheel.stages import judge
+from flywheel.stages.judge import (
+    MIN_PROB_MASS,
+    PROB_PREFIX,
+    SCORE_CHOICES,
+    Verdicts,
+    check_judge,
+    prob_verdict,
+    verdicts,
+)
+from flywheel.stages.seeds import load_seed_data
 from tests.helpers.models import save_random_tiny_model, teach_score_format
 
 COMPACT = "prompts/judge_compact.txt"

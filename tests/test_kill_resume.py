@@ -75,7 +75,7 @@ def pause_after(stop_after: str):
 
 
 class _PauseAtRename:
-    """Stands in for the `os` module in flywheel.training.loops and flywheel.models: the same, except that replace() says
+    """Stands in for the `os` module in flywheel.training.loops and flywheel.backends.models: the same, except that replace() says
     which folder it is about to rename into place and waits (for the kill) before doing it."""
 
     def __getattr__(self, name):
@@ -88,10 +88,10 @@ class _PauseAtRename:
 
 
 def pause_before_rename() -> None:
-    import flywheel.models
+    import flywheel.backends.models
     import flywheel.training.loops
 
-    flywheel.models.os = flywheel.training.loops.os = _PauseAtRename()
+    flywheel.backends.models.os = flywheel.training.loops.os = _PauseAtRename()
 
 
 def run_child_until(point: str, marker: str, overrides: list[str]) -> str:

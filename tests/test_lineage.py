@@ -6,8 +6,8 @@ import pytest
 
 from flywheel import cli
 from flywheel.config import content_hash
-from flywheel.lineage import LineageError, lineage, render
 from flywheel.registry import Registry
+from flywheel.registry.lineage import LineageError, lineage, render
 from tests.helpers.staged import JUDGE_TEMPLATE, PROMPTS, SAMPLING, SEEDS, build_flywheel
 from tests.helpers.staged import versions as _versions
 

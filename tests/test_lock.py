@@ -13,18 +13,18 @@ import sys
 
 import pytest
 
-from flywheel.lock import LOCK_NAME, RegistryBusyError, is_locked, read_holder, registry_lock
 from flywheel.registry import Registry, RegistryLockedError
+from flywheel.registry.lock import LOCK_NAME, RegistryBusyError, is_locked, read_holder, registry_lock
 from flywheel.schedule import is_transient
-from flywheel.seeds import load_seeds
+from flywheel.stages.seeds import load_seeds
 
 HOLDER = """
 import sys
 from flywheel.config import load_config
-from flywheel.lock import registry_lock
+from flywheel.registry.lock import registry_lock
 from flywheel.registry import Registry, now
-from flywheel.runs import start_run
-from flywheel.seeds import load_seeds
+from flywheel.registry.runs import start_run
+from flywheel.stages.seeds import load_seeds
 cfg = load_config(None, [f"registry.root={sys.argv[1]}", "run.name=holder"])
 with registry_lock(cfg.registry.root, sys.argv[2]):
     with Registry(cfg.registry.root) as reg:
@@ -90,7 +90,7 @@ def test_a_killed_holder_leaves_the_lock_free(tmp_path):
 
 
 def test_the_lock_is_reentrant_within_a_process_and_exclusive_across(tmp_path):
-    probe = ("import sys\nfrom flywheel.lock import registry_lock, RegistryBusyError\n"
+    probe = ("import sys\nfrom flywheel.registry.lock import registry_lock, RegistryBusyError\n"
              "try:\n    with registry_lock(sys.argv[1], 'probe'): print('got it')\n"
              "except RegistryBusyError as e: print(e)")
     with registry_lock(tmp_path, "nightly", command="flywheel schedule serve"):

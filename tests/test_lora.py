@@ -4,9 +4,9 @@ with identical logits; the micro-batch setting reaches the trainer."""
 import pytest
 import torch
 
+from flywheel.backends.models import load, save_atomically
 from flywheel.config import ConfigError, LoraConfig, load_config
-from flywheel.models import load, save_atomically
-from flywheel.seeds import ift_examples, load_seeds
+from flywheel.stages.seeds import ift_examples, load_seeds
 from flywheel.training.loops import _batches, sft_train
 from tests.helpers.models import save_random_tiny_model
 

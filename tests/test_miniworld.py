@@ -1,15 +1,14 @@
-"""The mini-world's task (flywheel/miniworld.py) and the pipeline features it uses: a prompt pool instead of
+"""The mini-world's task (flywheel/analysis/miniworld.py) and the pipeline features it uses: a prompt pool instead of
 self-instruct, extra pretraining text, digit-level tokens."""
 
-import json
 
 import pytest
 
-from flywheel import miniworld as mw
+from flywheel.analysis import miniworld as mw
+from flywheel.backends.models import build_tokenizer
 from flywheel.config import load_config
-from flywheel.models import build_tokenizer
 from flywheel.registry import Registry
-from flywheel.seeds import eft_from_rankings, load_seed_data
+from flywheel.stages.seeds import eft_from_rankings, load_seed_data
 
 SIZES = mw.WorldSizes(corpus_docs=50, lines_per_doc=5, seeds=30, pool=40, test=25)
 
@@ -81,7 +80,7 @@ def test_split_digits_gives_each_digit_its_own_token():
 
 
 def test_prompts_file_draws_fresh_prompts_each_iteration(world, tmp_path):
-    from flywheel.self_instruct import self_instruct
+    from flywheel.stages.self_instruct import self_instruct
 
     cfg = load_config(None, [f"registry.root={tmp_path}", f"self_instruct.prompts_file={world['pool']}",
                              "self_instruct.num_prompts=15"])
@@ -107,7 +106,7 @@ def test_prompts_file_draws_fresh_prompts_each_iteration(world, tmp_path):
     ('{"text": "no prompt key"}\n', ":1 needs a non-empty string 'prompt'"),
 ])
 def test_a_bad_prompts_file_is_named(tmp_path, content, message):
-    from flywheel.self_instruct import read_prompts_file
+    from flywheel.stages.self_instruct import read_prompts_file
 
     path = tmp_path / "pool.jsonl"
     if content is not None:
@@ -119,14 +118,14 @@ def test_a_bad_prompts_file_is_named(tmp_path, content, message):
 def test_the_oracle_pairs_right_over_wrong_and_pair_quality_counts_it(tmp_path):
     """The rule-oracle variant's path on known candidates: the exact_match rule (a python checker) through the real
     reward and pairs stages; `pair_quality` and `candidate_accuracy` read back what the run used."""
-    from flywheel.experiment import candidate_accuracy, pair_quality
-    from flywheel.pairs import build_pairs
+    from flywheel.analysis.experiment import candidate_accuracy, pair_quality
     from flywheel.registry import now
-    from flywheel.reward_stage import reward
     from flywheel.stage import run_stage
+    from flywheel.stages.pairs import build_pairs
+    from flywheel.stages.reward import reward
 
     cfg = load_config(None, [f"registry.root={tmp_path}",
-                             "reward.rules=[{name: exact_match, kind: python, checker: 'flywheel.miniworld:exact_match'}]",
+                             "reward.rules=[{name: exact_match, kind: python, checker: 'flywheel.analysis.miniworld:exact_match'}]",
                              "reward.weights={exact_match: 1.0}"])
     answers = {"312": ["123", "132", "312"], "9055": ["0559", "0559", "5590"], "777": ["77", "777", "7777"],
                "41": ["41", "14x", "41"]}  # the last has no right answer: no pair

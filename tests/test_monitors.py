@@ -12,9 +12,9 @@ import random
 
 import pytest
 
-from flywheel.monitors import MonitorsConfig, evaluate, fired
+from flywheel.analysis.monitors import MonitorsConfig, evaluate, fired
+from flywheel.analysis.report import collect
 from flywheel.registry import Registry
-from flywheel.report import collect
 from tests.helpers.registry import HEALTHY, build_run, steady_scores, steady_tokens, varied_text
 
 
@@ -154,7 +154,7 @@ def test_a_drifting_run_fires_every_monitor(tmp_path):
                     monitors={"max_score_rise": 0.1})
     with Registry(tmp_path) as reg:
         its = collect(reg, run)
-        from flywheel.report import monitors_config
+        from flywheel.analysis.report import monitors_config
         cfg = monitors_config(reg, run)
     assert cfg.max_score_rise == 0.1 and cfg.max_length_growth == MonitorsConfig().max_length_growth
     names = sorted(c.name for c in fired(evaluate(its, cfg)) if c.iteration == 2)

@@ -20,10 +20,10 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from flywheel.backends import (BackendError, OpenAIBackend, SamplingParams, TransformersBackend, prompt_seed,
-                               release_backends)
+from flywheel.backends import BackendError, OpenAIBackend, SamplingParams, TransformersBackend, release_backends
+from flywheel.backends.generation import prompt_seed
+from flywheel.backends.serve import create_app, serving
 from flywheel.config import ConfigError, OpenAIBackendConfig
-from flywheel.serve import create_app, serving
 
 pytestmark = pytest.mark.slow  # real HTTP servers with a tiny model behind them; `flywheel serve` in a subprocess
 
@@ -321,10 +321,10 @@ def test_flywheel_serve_command(model_path):
 
 
 def test_generate_stage_with_the_openai_backend(server, model_path, tmp_path):
-    from flywheel.bootstrap import import_seeds
     from flywheel.config import load_config
-    from flywheel.generate import generate
     from flywheel.registry import Registry, now
+    from flywheel.stages.bootstrap import import_seeds
+    from flywheel.stages.generate import generate
 
     seeds_file = tmp_path / "seeds.jsonl"  # 12 of the shipped seeds keep it quick
     seeds_file.write_text("".join(open("seeds/demo.jsonl").readlines()[:12]))

@@ -5,10 +5,17 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
-from flywheel.datasets import (DATASET_SQL, DatasetIntegrityError, freeze_dataset, prepared_rows, read_version,
-                               stage_version, version)
-from flywheel.pairs import EXTREMES_SQL, FAST_EXTREMES_SQL, JUDGE_VALUES, build_pairs, combined_scores
 from flywheel.registry import Registry
+from flywheel.registry.datasets import (
+    DATASET_SQL,
+    DatasetIntegrityError,
+    freeze_dataset,
+    prepared_rows,
+    read_version,
+    stage_version,
+    version,
+)
+from flywheel.stages.pairs import EXTREMES_SQL, FAST_EXTREMES_SQL, JUDGE_VALUES, build_pairs, combined_scores
 from tests.helpers.registry import reward_row, write_judged
 
 JUDGE_SID = "judge-test"

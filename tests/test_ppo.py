@@ -10,17 +10,16 @@ import json
 import pytest
 import torch
 
-from flywheel.bootstrap import import_seeds
+from flywheel.backends.models import load, save_atomically
 from flywheel.config import PPOConfig, load_config
-from flywheel.models import load, save_atomically
-from flywheel.stage import IterationState, StageContext
-from flywheel.training.ppo import _gae, ppo_train, train_ppo
 from flywheel.registry import Registry, now
-from flywheel.rewards import coherent_rewards
-from flywheel.seeds import load_seeds
+from flywheel.signals import coherent_rewards
+from flywheel.stage import IterationState, StageContext
+from flywheel.stages.bootstrap import import_seeds
+from flywheel.stages.seeds import load_seeds
 from flywheel.training.loops import sft_train
+from flywheel.training.ppo import _gae, ppo_train, train_ppo
 from tests.helpers.models import save_random_tiny_model
-
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]  # real SFT and PPO steps
 

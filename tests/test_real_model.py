@@ -11,12 +11,12 @@ import pytest
 from gguf import GGUFReader, dequantize
 
 from flywheel import backends
-from flywheel.bases import resolve_base
+from flywheel.backends.bases import resolve_base
+from flywheel.backends.models import load
 from flywheel.config import load_config
-from flywheel.judge import MIN_PROB_MASS
-from flywheel.models import load
 from flywheel.registry import Registry
-from flywheel.score_parser import parse_score
+from flywheel.stages.judge import MIN_PROB_MASS
+from flywheel.stages.score_parser import parse_score
 
 pytestmark = pytest.mark.slow  # SmolLM2-135M through the Prefect flow
 

@@ -11,12 +11,20 @@ import pytest
 from markdown_it import MarkdownIt
 from rich.console import Console
 
+from flywheel.analysis.monitors import evaluate
+from flywheel.analysis.report import CLIP, collect, example_pairs, markdown, print_report, spearman, write
 from flywheel.cli import main as cli_main
 from flywheel.registry import Registry, now
-from flywheel.report import CLIP, collect, example_pairs, markdown, print_report, spearman, write
-from flywheel.monitors import evaluate
-from tests.helpers.registry import (HEALTHY, add_stage, build_run, candidate_row, insert_rows, judgment_row, prompt_row,
-                                    steady_tokens)
+from tests.helpers.registry import (
+    HEALTHY,
+    add_stage,
+    build_run,
+    candidate_row,
+    insert_rows,
+    judgment_row,
+    prompt_row,
+    steady_tokens,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -6,14 +6,24 @@ import json
 import pytest
 import torch
 
-from flywheel.bootstrap import import_seeds
+from flywheel.backends.models import build_tokenizer, save_atomically
 from flywheel.config import FlywheelConfig, RuleRewardConfig, load_config
-from flywheel.generate import generate
-from flywheel.models import build_tokenizer, save_atomically
 from flywheel.registry import Registry, now
-from flywheel.reward_stage import reward
-from flywheel.rewards import (RewardError, check_same_tokenizer, coherent_rewards, encode, encode_pairs, extract_answer,
-                              make_rule, reward_functions, reward_weights, sequence_logprobs)
+from flywheel.signals import (
+    RewardError,
+    check_same_tokenizer,
+    coherent_rewards,
+    encode,
+    encode_pairs,
+    extract_answer,
+    make_rule,
+    reward_functions,
+    reward_weights,
+    sequence_logprobs,
+)
+from flywheel.stages.bootstrap import import_seeds
+from flywheel.stages.generate import generate
+from flywheel.stages.reward import reward
 from tests.helpers.models import seed_tokenizer, tiny_model
 
 PROMPTS = ["What is a noun?", "Name a planet.", "Say hello to the team in one short and friendly sentence, please."]
@@ -273,7 +283,7 @@ def test_reward_stage_one_row_per_candidate_and_signal_and_rerun_is_a_no_op(tmp_
     def no_load(*a, **k):
         raise AssertionError("a finished reward stage loaded a model")
 
-    monkeypatch.setattr("flywheel.reward_stage.load", no_load)
+    monkeypatch.setattr("flywheel.stages.reward.load", no_load)
     resumed = reward(cfg, "run", 1, gen.stage_run_id, "m-sft", "m-pt")
     assert not resumed.skipped and resumed.stats["signals"] == result.stats["signals"]
     with Registry(cfg.registry.root) as reg:

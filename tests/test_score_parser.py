@@ -3,7 +3,7 @@ import random
 
 import pytest
 
-from flywheel.score_parser import ParsedScore, parse_score
+from flywheel.stages.score_parser import ParsedScore, parse_score
 
 ERROR_CODES = {"empty", "no_score", "conflicting_scores", "out_of_range", "not_a_number"}
 

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from flywheel.seeds import RankedReply, SeedFormatError, load_seed_data, load_seeds
+from flywheel.stages.seeds import RankedReply, SeedFormatError, load_seed_data, load_seeds
 
 FIX = "tests/fixtures/seeds"
 

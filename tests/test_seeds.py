@@ -5,15 +5,25 @@ from collections import Counter
 
 import pytest
 
-from flywheel.bootstrap import import_seeds
-from flywheel.reads import ranked_from_registry, seeds_from_registry
-from flywheel.training.sft import sft_examples
 from flywheel.config import load_config
 from flywheel.registry import Registry
-from flywheel.score_parser import parse_score
-from flywheel.seeds import (RankedPrompt, RankedReply, SeedFormatError, balance_scores, eft_examples, eft_from_rankings,
-                            ift_examples, load_seeds, pretrain_corpus, rank_points)
+from flywheel.registry.reads import ranked_from_registry, seeds_from_registry
 from flywheel.stage import stage_run_id
+from flywheel.stages.bootstrap import import_seeds
+from flywheel.stages.score_parser import parse_score
+from flywheel.stages.seeds import (
+    RankedPrompt,
+    RankedReply,
+    SeedFormatError,
+    balance_scores,
+    eft_examples,
+    eft_from_rankings,
+    ift_examples,
+    load_seeds,
+    pretrain_corpus,
+    rank_points,
+)
+from flywheel.training.sft import sft_examples
 
 
 @pytest.mark.parametrize(

@@ -5,12 +5,12 @@ from pathlib import Path
 
 import pytest
 
-from flywheel import self_instruct as si
 from flywheel.backends import TransformersBackend, release_backends
-from flywheel.bootstrap import import_seeds
 from flywheel.config import content_hash, load_config
 from flywheel.registry import Registry
 from flywheel.stage import stage_run_id
+from flywheel.stages import self_instruct as si
+from flywheel.stages.bootstrap import import_seeds
 
 SMALL = ["self_instruct.num_prompts=4", "self_instruct.batch_size=2", "self_instruct.few_shot=3",
          "self_instruct.seed_shots=3", "self_instruct.max_new_tokens=6", "run.device=cpu", "model.base=tiny"]

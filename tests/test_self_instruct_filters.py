@@ -3,8 +3,8 @@ import random
 import pytest
 
 from flywheel.config import SelfInstructConfig
-from flywheel.dedup import NearDuplicateIndex
-from flywheel.self_instruct import KeptPrompts, clean_prompt, few_shot, not_a_task, rouge_l, words
+from flywheel.stages.dedup import NearDuplicateIndex
+from flywheel.stages.self_instruct import KeptPrompts, clean_prompt, few_shot, not_a_task, rouge_l, words
 
 
 def test_rouge_l():
@@ -156,7 +156,7 @@ def test_not_a_task(text, dropped):
 
 def test_seed_tasks_are_tasks():
     """The shipped seeds are what the tiny model imitates: none of them is a non-task, and cleaning leaves them be."""
-    from flywheel.seeds import load_seeds
+    from flywheel.stages.seeds import load_seeds
 
     for s in load_seeds("seeds/demo.jsonl"):
         assert not not_a_task(s.instruction) and clean_prompt(s.instruction) == s.instruction

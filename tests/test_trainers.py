@@ -12,12 +12,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from flywheel.backends.models import load, save_atomically
 from flywheel.config import OnlineRLConfig, load_config
-from flywheel.stage import IterationState, StageContext
-from flywheel.training.dpo import train_dpo
-from flywheel.models import load, save_atomically
-from flywheel.pairs import build_pairs
 from flywheel.registry import Registry, now
+from flywheel.stage import IterationState, StageContext
+from flywheel.stages.pairs import build_pairs
+from flywheel.training.dpo import train_dpo
 from flywheel.training.loops import grpo_train, rloo_train
 from flywheel.training.online import train_grpo, train_rloo
 from flywheel.training.sft import best_of_n, train_rs_sft
@@ -236,7 +236,7 @@ def test_accelerate_mode_trains_in_a_child_process(tmp_path, models):
 
 def test_sft_counts_and_reports_examples_too_long_to_learn_from(caplog):
     """TRL drops an example whose prompt alone fills max_length; sft_train says how many, never silently."""
-    from flywheel.models import build_tokenizer
+    from flywheel.backends.models import build_tokenizer
     from flywheel.training.loops import sft_train
 
     tok = build_tokenizer(["hello world, a small text"] * 20, 300)

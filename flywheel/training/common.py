@@ -1,7 +1,7 @@
 """What every trainer's stage does alike: `train_stage` (run the job, register the model) and `run_job`.
 
 A trainer's stage reads its training rows from the registry into a TrainJob and calls `train_stage`, which frees the
-generation model, runs the job (`run_job`: load M_t with `flywheel.models.load`, call the trainer's `fit`, which saves
+generation model, runs the job (`run_job`: load M_t with `flywheel.backends.models.load`, call the trainer's `fit`, which saves
 M_{t+1} atomically), then registers the model with its reference model, dataset version, train config and metrics.
 
 `run_job` runs in this process (`train.launch.mode: inprocess`) or in a child started by `accelerate launch`
@@ -15,8 +15,8 @@ import gc
 from typing import Any, Callable
 
 from ..backends import release_backends
+from ..backends.models import load, resolve_device
 from ..config import FlywheelConfig
-from ..models import load, resolve_device
 from ..registry import Registry
 from ..stage import StageContext, StageResult, run_stage
 from .job import Fit, NoTrainingDataError, Trainer, TrainJob

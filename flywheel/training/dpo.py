@@ -6,16 +6,16 @@ Settings come from the `dpo` section (paper defaults: beta 0.1, lr 1e-6 decaying
 batch 16, dropout 0.1, which on Llama is attention_dropout). `dpo.reference`: `previous` trains against M_t (TRL keeps
 a frozen copy), `m1` against M1 throughout. `dpo.lora.enabled` trains LoRA adapters through peft and merges them into
 the weights before saving, so every later stage loads a plain model. The model row records its reference model, the
-dataset version it read (flywheel/datasets.py), the `dpo` section as train_config (plus the dropout fields it set) and
+dataset version it read (flywheel/registry/datasets.py), the `dpo` section as train_config (plus the dropout fields it set) and
 the final metrics.
 """
 
 from __future__ import annotations
 
+from ..backends.models import load, resolve_device
 from ..config import FlywheelConfig
-from ..datasets import read_version, stage_version
-from ..models import load, resolve_device
 from ..registry import Registry
+from ..registry.datasets import read_version, stage_version
 from ..stage import IterationState, StageContext, StageResult
 from .common import loops, train_stage
 from .job import NoTrainingDataError, Trainer, TrainJob

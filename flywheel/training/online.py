@@ -2,7 +2,7 @@
 
     GRPO.stage(ctx, state)       # reads state.prompts (self-instruct stage run), state.model; state.m1/pt if coherent
 
-They train with `flywheel.rewards.reward_functions`: the signals given a weight in `reward.weights` (the coherent
+They train with `flywheel.signals.reward_functions`: the signals given a weight in `reward.weights` (the coherent
 reward, which loads the SFT and PT models; rule rewards, which read each prompt's `reference`), combined by TRL with
 those weights. The KL anchor (when the section's beta > 0) is the starting policy, M_t.
 """
@@ -10,11 +10,11 @@ those weights. The KL anchor (when the section's beta > 0) is the starting polic
 from __future__ import annotations
 
 from ..config import ConfigError, FlywheelConfig, OnlineRLConfig
-from ..datasets import DatasetError, stage_version
 from ..registry import Registry
-from ..rewards import online_signals, reward_functions, reward_weights
+from ..registry.datasets import DatasetError, stage_version
+from ..registry.reads import kept_prompts
+from ..signals import online_signals, reward_functions, reward_weights
 from ..stage import IterationState, StageContext, StageResult
-from ..reads import kept_prompts
 from .common import coherent_models, loops, process_device, train_stage
 from .job import NoTrainingDataError, Trainer, TrainJob
 

@@ -25,21 +25,19 @@ from __future__ import annotations
 import copy
 import logging
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 from torch import nn
-
-from pathlib import Path
-
 from transformers import AutoTokenizer
 
 from .. import timing
+from ..backends.models import save_atomically
 from ..config import FlywheelConfig, PPOConfig
-from ..models import save_atomically
 from ..registry import Registry
-from ..rewards import chat_prompt, check_same_tokenizer, coherent_rewards, pad, pad_id_of
+from ..registry.reads import kept_prompts
+from ..signals import chat_prompt, check_same_tokenizer, coherent_rewards, pad, pad_id_of
 from ..stage import IterationState, StageContext, StageResult
-from ..reads import kept_prompts
 from .common import coherent_models, train_stage
 from .job import NoTrainingDataError, Trainer, TrainJob
 

@@ -13,13 +13,13 @@ from __future__ import annotations
 import random
 from collections import Counter
 
+from ..backends.models import resolve_device
 from ..config import FlywheelConfig, LoraConfig, content_hash
-from ..models import resolve_device
-from ..reads import ranked_from_registry, seeds_from_registry
 from ..registry import Registry
-from ..score_parser import parse_score
-from ..seeds import eft_examples, eft_from_rankings, ift_examples
+from ..registry.reads import ranked_from_registry, seeds_from_registry
 from ..stage import IterationState, StageContext, StageResult, load_template
+from ..stages.score_parser import parse_score
+from ..stages.seeds import eft_examples, eft_from_rankings, ift_examples
 from .common import loops, train_stage
 from .job import NoTrainingDataError, Trainer, TrainJob
 
@@ -138,10 +138,10 @@ def best_of_n(scored: list[dict], min_score: float | None = None) -> tuple[list[
 
 def train_rs_sft(ctx: StageContext, state: IterationState) -> StageResult:
     """Rejection-sampling fine-tuning: SFT of M_t on the best candidate per prompt by the combined score
-    (`flywheel.pairs.combined_scores` over `state.judgments` and `state.rewards`); kind "rs-sft". `min_score` is on
+    (`flywheel.stages.pairs.combined_scores` over `state.judgments` and `state.rewards`); kind "rs-sft". `min_score` is on
     the combined score's scale (the judge's 0-5 when it is the only signal, else a weighted sum of per-prompt
     z-scores)."""
-    from ..pairs import combined_scores
+    from ..stages.pairs import combined_scores
 
     cfg, model_id = ctx.cfg, state.model
     c = cfg.rs_sft

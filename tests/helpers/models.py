@@ -6,9 +6,9 @@ from pathlib import Path
 
 import torch
 
+from flywheel.backends.models import build_tiny_model, build_tokenizer, save_atomically
 from flywheel.config import TinyModelConfig
-from flywheel.models import build_tiny_model, build_tokenizer, save_atomically
-from flywheel.seeds import load_seeds, pretrain_corpus
+from flywheel.stages.seeds import load_seeds, pretrain_corpus
 from tests.helpers import REPO
 
 TINY = TinyModelConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,

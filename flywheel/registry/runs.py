@@ -1,0 +1,38 @@
+"""Runs and iterations: their ids and their rows in the registry.
+
+A run's id is its name plus the hash of its config (less the registry's location, the monitors' thresholds and the
+thread count), so the same command on the same config is the same run: running it again resumes it, and stages
+already done are skipped.
+"""
+
+from __future__ import annotations
+
+from ..config import FlywheelConfig, content_hash
+from .store import Registry
+
+
+def run_id_for(cfg: FlywheelConfig) -> str:
+    data = cfg.model_dump(mode="json")
+    data.pop("registry")
+    data.pop("monitors", None)  # thresholds judge a run; they do not change it
+    data["run"].pop("threads", None)  # how fast, not what
+    return f"{cfg.run.name}-{content_hash(data, 8)}"
+
+
+def start_run(reg: Registry, cfg: FlywheelConfig) -> str:
+    """Record the run (again, when resumed) as running; its id."""
+    run_id = run_id_for(cfg)
+    reg.start_run(run_id, cfg.run.name, cfg.config_hash(), cfg.model_dump(mode="json"))
+    return run_id
+
+
+def finished_iteration(reg: Registry, run_id: str, iteration: int) -> dict | None:
+    """{'model_id', 'prompts_sid'} of an iteration of this run that finished, else None. Resuming skips such an
+    iteration whole, without a flow or task run per stage (each stage would find itself done anyway)."""
+    model_out = reg.scalar("SELECT model_out FROM iterations WHERE run_id = ? AND iteration = ? AND status = 'done'",
+                           [run_id, iteration])
+    if model_out is None or reg.model(model_out) is None:
+        return None
+    prompts = reg.scalar("SELECT stage_run_id FROM run_stages WHERE run_id = ? AND iteration = ? "
+                         "AND stage = 'self_instruct'", [run_id, iteration])
+    return {"model_id": model_out, "prompts_sid": prompts}

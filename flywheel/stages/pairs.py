@@ -1,0 +1,204 @@
+"""Pairs: per prompt, chosen = the best-scored candidate and rejected = the worst, in SQL.
+
+A candidate's signals are the mean of its valid judge samples (parse failures excluded) and, when a reward stage ran,
+its coherent and rule rewards. With one signal weighted (the default: the judge), the score is that signal as it is.
+With several, each is z-scored within its prompt and the weighted sum, summed in signal order and rounded to 9
+decimals so that a resumed run scores exactly as an uninterrupted one, is the score (`reward.weights`). A candidate
+missing a weighted signal (e.g. no valid judge sample) is left out, never scored 0.
+
+Selection is the paper's best vs worst; with length control (`pairs.rho` > 0, Meta-Rewarding) the chosen is the
+shortest candidate in the top band [(1-rho)*Smax + rho*Smin, Smax] and the rejected the longest in the bottom band
+[Smin, (1-rho)*Smin + rho*Smax]. Prompts whose chosen and rejected tie (or differ by no more than `pairs.min_margin`)
+are dropped. Remaining ties are broken by candidate id, so the same scores always give the same pairs. Each pair records
+the signals, weights and rho that made it.
+
+What the stage freezes: the pairs are selected and joined to their texts once, into a temp table in pair_id order
+(`flywheel.registry.datasets.prepared_rows`); the pairs table is filled from it, and `run_stage`'s freeze writes the stage's
+dataset versions from it without querying the registry again: "pairs" (the pairs table's rows, with their signals)
+and "train" (prompt, chosen and rejected text plus ids and scores, TRL's preference format), content-hashed Parquet
+files (`flywheel.registry.datasets`). The train version is the one frozen training set: DPO reads it
+(`stage_version(reg, sid, "train")` + `read_version`, which refuses a missing or altered file).
+"""
+
+from __future__ import annotations
+
+import json
+
+import duckdb
+
+from ..config import FlywheelConfig
+from ..registry import Registry
+from ..registry.datasets import prepared_rows
+from ..stage import StageResult, run_stage
+
+# One row per candidate that has every weighted signal: its raw signals and its combined score.
+SCORED_CTE = """
+judge AS (                      -- the judge signal: mean of the valid samples
+    SELECT candidate_id, 'judge' AS signal, avg(score) AS value
+    FROM judgments WHERE stage_run_id = $judge_sid AND score IS NOT NULL
+    GROUP BY candidate_id
+), signals AS (                 -- long format: (candidate, signal, value), weighted signals only
+    SELECT c.prompt_id, c.candidate_id, c.rowid AS candidate_row, c.num_tokens, s.signal, s.value, w.weight
+    FROM (SELECT * FROM judge
+          UNION ALL
+          SELECT candidate_id, signal, value FROM rewards WHERE stage_run_id = $reward_sid AND value IS NOT NULL) s
+    JOIN (SELECT unnest($weights, recursive := true)) w USING (signal)
+    JOIN candidates c USING (candidate_id)
+), complete AS (                -- candidates with every weighted signal
+    SELECT * FROM signals
+    QUALIFY count(*) OVER (PARTITION BY candidate_id) = len($weights)
+), scored AS (
+    SELECT prompt_id, candidate_id, any_value(candidate_row) AS candidate_row, any_value(num_tokens) AS num_tokens,
+           CASE WHEN len($weights) = 1 THEN any_value(value)
+                ELSE round(sum(weight * coalesce(z, 0) ORDER BY signal), 9) END AS score,  -- z NULL: all tie
+           to_json(map(list(signal ORDER BY signal), list(value ORDER BY signal))) AS raw
+    FROM (SELECT *, (value - avg(value) OVER w) / nullif(stddev_pop(value) OVER w, 0) AS z
+          FROM complete WINDOW w AS (PARTITION BY prompt_id, signal))
+    GROUP BY prompt_id, candidate_id
+)
+"""
+
+# Per prompt with a scored candidate: its chosen (top band: shortest when rho > 0, then best, then largest id) and
+# rejected (bottom band: longest, worst, then smallest id) candidate, with their score and raw signals. A candidate is
+# named by its row in `candidates` (rowid, valid within the transaction that reads it): the pair rows fetch its id,
+# text and length by it, a join much cheaper than one on the id. Taking a struct by arg_max/arg_min on a key that
+# ends with the (unique) candidate id picks one whole row.
+EXTREMES_SQL = f"""
+CREATE OR REPLACE TEMP TABLE pair_extremes AS
+WITH {SCORED_CTE}, bands AS (
+    SELECT s.*, (1 - $rho) * max(score) OVER p + $rho * min(score) OVER p AS top_from,
+                (1 - $rho) * min(score) OVER p + $rho * max(score) OVER p AS bottom_to,
+                CASE WHEN $rho > 0 THEN -num_tokens ELSE 0 END AS shortness
+    FROM scored s WINDOW p AS (PARTITION BY prompt_id)
+)
+SELECT prompt_id, ch.row_id AS chosen_row, ch.score AS chosen_score, ch.raw AS chosen_raw,
+       rj.row_id AS rejected_row, rj.score AS rejected_score, rj.raw AS rejected_raw
+FROM (SELECT prompt_id,
+             arg_max({{'row_id': candidate_row, 'score': score, 'raw': raw}}, (shortness, score, candidate_id))
+                 FILTER (WHERE score >= top_from) AS ch,
+             arg_min({{'row_id': candidate_row, 'score': score, 'raw': raw}}, (shortness, score, candidate_id))
+                 FILTER (WHERE score <= bottom_to) AS rj
+      FROM bands GROUP BY prompt_id)
+"""
+
+# The same table when one signal is weighted and rho = 0 (the default): the score is the signal itself and the bands
+# are the single best and worst, so one GROUP BY over the candidates' values does it, without z-scores or windows.
+# Only the rows are taken by arg_max/arg_min (a struct payload costs more than the rest of the statement); the chosen
+# score is then the maximum and the rejected the minimum. {values}: (candidate_id, value) of the one signal, each
+# candidate once.
+FAST_EXTREMES_SQL = """
+CREATE OR REPLACE TEMP TABLE pair_extremes AS
+SELECT prompt_id, chosen_row, chosen_score, json_object($signal, chosen_score) AS chosen_raw,
+       rejected_row, rejected_score, json_object($signal, rejected_score) AS rejected_raw
+FROM (SELECT c.prompt_id,
+             arg_max(c.rowid, (v.value, c.candidate_id)) AS chosen_row, max(v.value) AS chosen_score,
+             arg_min(c.rowid, (v.value, c.candidate_id)) AS rejected_row, min(v.value) AS rejected_score
+      FROM ({values}) v JOIN candidates c USING (candidate_id) GROUP BY c.prompt_id)
+"""
+JUDGE_VALUES = ("SELECT candidate_id, avg(score) AS value FROM judgments "
+                "WHERE stage_run_id = $judge_sid AND score IS NOT NULL GROUP BY candidate_id")
+REWARD_VALUES = ("SELECT candidate_id, value FROM rewards "
+                 "WHERE stage_run_id = $reward_sid AND signal = $signal AND value IS NOT NULL")
+
+# Prompts whose best and worst differ by more than min_margin become pairs: one row each, with the pair's signals and
+# the texts of its prompt and candidates, in pair_id order (the order of the datasets). The pairs table is filled from
+# it, and the freeze writes the "pairs" and "train" versions from it as it is: the rows are selected, sorted and
+# joined to their texts once. Candidates are fetched by rowid; the prompt by a LEFT JOIN, so that a pair whose prompt
+# row is gone is still a pair (the train SQL's inner join leaves it out of the training set: see build_pairs).
+PAIR_ROWS_SQL = """
+CREATE OR REPLACE TEMP TABLE {table} AS
+SELECT 'pr-' || sha256(concat_ws('|', $sid, e.prompt_id, ch.candidate_id, rj.candidate_id))[:16] AS pair_id,
+       e.prompt_id, ch.candidate_id AS chosen_id, rj.candidate_id AS rejected_id, e.chosen_score, e.rejected_score,
+       json_object('weights', $weights_json::JSON, 'rho', $rho, 'chosen', e.chosen_raw, 'rejected', e.rejected_raw)
+           AS signals,
+       $iteration::INTEGER AS iteration, p.text AS prompt, ch.text AS chosen, rj.text AS rejected,
+       ch.num_tokens > rj.num_tokens AS chosen_longer
+FROM pair_extremes e
+JOIN candidates ch ON ch.rowid = e.chosen_row
+JOIN candidates rj ON rj.rowid = e.rejected_row
+LEFT JOIN prompts p ON p.prompt_id = e.prompt_id
+WHERE e.chosen_score - e.rejected_score > $min_margin
+ORDER BY pair_id
+"""
+INSERT_PAIRS_SQL = """
+INSERT INTO pairs
+SELECT pair_id, prompt_id, chosen_id, rejected_id, chosen_score, rejected_score, signals,
+       $run_id, iteration, $sid, $config_hash, now()
+FROM {table}
+"""
+
+
+def active_weights(cfg: FlywheelConfig) -> list[dict]:
+    return [{"signal": k, "weight": float(w)} for k, w in sorted(cfg.reward.weights.items()) if w]
+
+
+def _score_params(cfg: FlywheelConfig, judge_sid: str, reward_sid: str | None) -> dict:
+    return dict(judge_sid=judge_sid, reward_sid=reward_sid, weights=active_weights(cfg))
+
+
+def combined_scores(reg: Registry, cfg: FlywheelConfig, judge_sid: str, reward_sid: str | None) -> list[dict]:
+    """Every candidate with all weighted signals: prompt_id, candidate_id, score, raw signals, prompt and text."""
+    sql = f"""WITH {SCORED_CTE}
+        SELECT s.prompt_id, s.candidate_id, s.score, s.raw, s.num_tokens, p.text AS prompt, c.text AS text,
+               p.reference
+        FROM scored s JOIN candidates c USING (candidate_id) JOIN prompts p ON p.prompt_id = s.prompt_id
+        ORDER BY s.prompt_id, s.candidate_id"""
+    return reg.rows(sql, _score_params(cfg, judge_sid, reward_sid))
+
+
+def select_pairs(con: duckdb.DuckDBPyConnection, params: dict, table: str) -> None:
+    """Fill the temp table pair_extremes (best and worst per scored prompt) and the temp table `table` (the pairs, with
+    their texts, in pair_id order), then insert the pairs. `params`: the statements' parameters (judge_sid,
+    reward_sid, weights, rho, sid, ...)."""
+    weights = params["weights"]
+    if len(weights) == 1 and params["rho"] == 0:
+        signal = weights[0]["signal"]
+        values = JUDGE_VALUES if signal == "judge" else REWARD_VALUES
+        used = {"judge_sid"} if signal == "judge" else {"reward_sid"}
+        con.execute(FAST_EXTREMES_SQL.format(values=values),
+                    {"signal": signal, **{k: params[k] for k in used}})
+    else:
+        con.execute(EXTREMES_SQL, {k: params[k] for k in ("judge_sid", "reward_sid", "weights", "rho")})
+    con.execute(PAIR_ROWS_SQL.format(table=table),
+                {k: params[k] for k in ("sid", "weights_json", "rho", "iteration", "min_margin")})
+    if con.execute("SELECT count(*) FROM pairs WHERE stage_run_id = ?", [params["sid"]]).fetchone()[0]:
+        return  # an attempt that crashed after this commit inserted them: the same rows (one transaction, all or none)
+    con.execute(INSERT_PAIRS_SQL.format(table=table), {k: params[k] for k in ("sid", "run_id", "config_hash")})
+
+
+def build_pairs(cfg: FlywheelConfig, run_id: str, iteration: int, judge_sid: str,
+                reward_sid: str | None = None) -> StageResult:
+    rho = cfg.pairs.rho_for(iteration)
+    weights = active_weights(cfg)
+    inputs = {"judgments": judge_sid, "rewards": reward_sid, "weights": weights, "rho": rho,
+              "min_margin": cfg.pairs.min_margin}
+
+    def work(reg: Registry, sid: str) -> dict:
+        weights_json = json.dumps({w["signal"]: w["weight"] for w in weights})
+        params = dict(**_score_params(cfg, judge_sid, reward_sid), weights_json=weights_json, rho=rho, sid=sid,
+                      run_id=run_id, iteration=iteration, config_hash=cfg.config_hash(),
+                      min_margin=cfg.pairs.min_margin)
+        table = prepared_rows(sid)  # left for run_stage's freeze, which writes the versions from it and drops it
+        try:
+            with reg.transaction() as con:
+                select_pairs(con, params, table)
+            # the pairs just selected (the rows inserted, or those a crashed attempt had committed: the same)
+            stats = reg.rows(
+                f"SELECT (SELECT count(*) FROM pair_extremes) AS prompts, count(*) AS pairs, "
+                f"avg(chosen_score - rejected_score) AS mean_margin, avg(chosen_longer::INT) AS chosen_longer, "
+                f"count(*) FILTER (WHERE prompt IS NULL) AS no_prompt FROM {table}")[0]
+            if stats["no_prompt"]:  # a pair whose prompt row is gone: the train SQL (an inner join) leaves it out
+                reg.con.execute(f"DROP TABLE {table}")
+        except BaseException:
+            reg.con.execute(f"DROP TABLE IF EXISTS {table}")
+            raise
+        finally:
+            reg.con.execute("DROP TABLE IF EXISTS pair_extremes")
+        prompts = stats["prompts"]
+        return {"pairs": stats["pairs"], "prompts_scored": prompts,
+                "unpaired": prompts - stats["pairs"],  # best and worst tied, or within min_margin
+                "mean_margin": round(stats["mean_margin"], 3) if stats["pairs"] else None,
+                "chosen_longer": round(stats["chosen_longer"], 3) if stats["pairs"] else None,
+                "signals": [w["signal"] for w in weights], "rho": rho}
+
+    return run_stage(cfg, "pairs", run_id, iteration, None, inputs, work)
