@@ -205,6 +205,16 @@ def test_python_rule_and_its_errors():
         rule(name="words", kind="python", checker="tests.test_rewards:wordy_checker")("q", "r", "x")
 
 
+def test_a_checker_named_by_its_module_path_before_the_layout_still_resolves():
+    """Configs written before flywheel/ had subpackages name `flywheel.miniworld:exact_match`; it now lives in
+    flywheel.analysis.miniworld, and both names give the same checker."""
+    old = rule(name="old", kind="python", checker="flywheel.miniworld:exact_match")
+    new = rule(name="new", kind="python", checker="flywheel.analysis.miniworld:exact_match")
+    right, wrong = ("123", "123"), ("321", "123")
+    assert old("q", *right) == new("q", *right) == (1.0, {})
+    assert old("q", *wrong) == new("q", *wrong) == (0.0, {})
+
+
 # --- TRL-shaped reward functions --------------------------------------------------------------------------------------
 def test_reward_functions_for_trl(tiny):
     sft, pt, tok = tiny

@@ -2,7 +2,7 @@
 
 The functions take a loaded model and plain Python rows, train in place, and return the final metrics; given
 `save_dir` they also save the trained model there atomically (see `_save`). They know nothing of the registry: the
-stages in `bootstrap.py`, `dpo.py` and `trainers.py` decide what to train on and where it is saved.
+trainer modules beside this one (dpo.py, ppo.py, online.py, sft.py) decide what to train on and where it is saved.
 
     metrics = dpo_train(model, tok, pairs, beta=0.1, lr=1e-6, epochs=1, batch_size=16, max_length=1024,
                         device="cpu", seed=0, min_lr_ratio=0.1, dropout=0.1, lora=cfg.dpo.lora, save_dir=path)
