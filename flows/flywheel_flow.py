@@ -30,17 +30,13 @@ def retry_transient(task, task_run, state) -> bool:
     return is_transient(error if isinstance(error, BaseException) else None)
 
 
-def _run_step(step: Step, ctx: StageContext, state: IterationState) -> IterationState:
-    return step(ctx, state)[1]
-
-
 _tasks: dict[str, object] = {}
 
 
 def as_task(step: Step, ctx: StageContext, state: IterationState) -> IterationState:
     """`pipeline.Call` that runs the step as a Prefect task named after its stage."""
     if step.name not in _tasks:
-        _tasks[step.name] = task(_run_step, name=step.name, cache_policy=NO_CACHE, retries=2,
+        _tasks[step.name] = task(pipeline.call_here, name=step.name, cache_policy=NO_CACHE, retries=2,
                                  retry_delay_seconds=exponential_backoff(10), retry_jitter_factor=0.5,
                                  retry_condition_fn=retry_transient)
     return _tasks[step.name](step, ctx, state)
@@ -49,7 +45,8 @@ def as_task(step: Step, ctx: StageContext, state: IterationState) -> IterationSt
 @flow(name="flywheel-iteration", flow_run_name="iteration-{iteration}", validate_parameters=False)
 def iteration_flow(cfg: FlywheelConfig, run_id: str, iteration: int, state: IterationState,
                    call: pipeline.Call | None = None) -> IterationState:
-    """M_t -> M_{t+1}: `pipeline.run_iteration`, each step a task."""
+    """M_t -> M_{t+1}: `pipeline.run_iteration`, each step a task (`call` is there for `pipeline.run`'s `iterate`
+    signature; the steps always run through `as_task`)."""
     return pipeline.run_iteration(cfg, run_id, iteration, state, as_task)
 
 
