@@ -7,6 +7,8 @@ process or a new one, is what resumes a run.
 
 from __future__ import annotations
 
+import logging
+
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
@@ -18,6 +20,10 @@ from flywheel.config import FlywheelConfig
 from flywheel.registry import Registry
 from flywheel.schedule import is_transient
 from flywheel.stage import IterationState, StageContext, Step
+from flywheel.registry.integrity import ModelIntegrityError, NonFiniteModelError
+from flywheel.training import NoTrainingDataError
+
+EXPLAINED = (NoTrainingDataError, ModelIntegrityError, NonFiniteModelError)
 
 
 def retry_transient(task, task_run, state) -> bool:
@@ -29,6 +35,20 @@ def retry_transient(task, task_run, state) -> bool:
         return False
     return is_transient(error if isinstance(error, BaseException) else None)
 
+
+class WithoutTraceback(logging.Filter):
+    """Prefect logs a failed flow run's exception with its traceback, once per flow level. A failure that explains
+    itself (no training data, a damaged or non-finite model: the message says what to change or restore) is logged
+    as its message alone."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], EXPLAINED):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+for _name in ("prefect.flow_runs", "prefect.task_runs"):
+    logging.getLogger(_name).addFilter(WithoutTraceback())
 
 _tasks: dict[str, object] = {}
 

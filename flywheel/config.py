@@ -6,17 +6,30 @@ Every section forbids unknown keys, so a typo fails loudly. `load_config` raises
 bad field (`generate.n: Input should be a valid integer, got 'x'`); the CLI prints it and exits 2 without a traceback.
 Defaults are the papers' numbers for real models (see ../shared/METHOD.md); `configs/demo.yaml` overrides what a tiny
 CPU model needs.
+
+What would crash or hang a stage after minutes of work is refused here, naming the field: a float that is NaN or
+infinite, true/false for a number, greedy sampling (temperature 0) where several samples are drawn, and sizes past
+what real models use (`MAX_ITERATIONS`, `MAX_NEW_TOKENS`, `MAX_LENGTH`, `MAX_N`, `MAX_JUDGE_SAMPLES`). What needs
+the files (seed lengths, template fields, the prompts file) is checked by `flywheel.pipeline.preflight`.
+
+Paths to flywheel's own files (`prompts/*.txt`, `seeds/demo.jsonl`, `configs/deepspeed/*.json`) default to this
+checkout's copies, so a run works from any folder. A relative path you give means the current folder; only when the
+file is not there and flywheel ships one of that name is flywheel's used (`shipped`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
+import string
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PlainSerializer, ValidationError, field_validator,
+                      model_validator)
 
 from .analysis.monitors import MonitorsConfig
 
@@ -25,8 +38,67 @@ class ConfigError(ValueError):
     """A config that cannot be used; the message is written for a person and names the field."""
 
 
+# Bounds that fit real models: beyond them a stage allocates gigabytes or runs for days before it fails.
+MAX_ITERATIONS = 1000      # the papers run 2-4 self-rewarding iterations
+MAX_NEW_TOKENS = 32768     # longer than any reply a judge or a policy writes; real chat models cap output near this
+MAX_LENGTH = 131072        # training sequence: the longest context of current open models (128k)
+MAX_N = 512                # candidates per prompt (paper: 4; best-of-n studies go to a few hundred)
+MAX_JUDGE_SAMPLES = 64     # judge samples per candidate (paper: 3)
+MAX_EPOCHS = 1000          # passes over a training set (papers: 1-3)
+
+REPO = Path(__file__).resolve().parents[1]  # the checkout: prompts/, seeds/, configs/
+
+
+def shipped(path: Path) -> Path:
+    """A relative path as given (the current folder) when the file is there; else flywheel's own file of that name
+    (prompts/judge.txt, seeds/demo.jsonl, ...) when it ships one, so the defaults and configs/*.yaml work from any
+    folder. Any other path is kept as given."""
+    if path.is_absolute() or path.exists() or not (REPO / path).exists():
+        return path
+    return REPO / path
+
+
+def _portable(path: Path) -> str:
+    """Flywheel's own files are written (and hashed) as the relative path that finds them from anywhere (`shipped`),
+    so a config has the same hash and run id from every folder."""
+    if path.is_absolute() and path.is_relative_to(REPO):
+        rel = path.relative_to(REPO)
+        if shipped(rel).resolve() == path.resolve():
+            return str(rel)
+    return str(path)
+
+
+ShippedPath = Annotated[Path, AfterValidator(shipped), PlainSerializer(_portable, return_type=str, when_used="json")]
+
+
+def _numeric(annotation) -> bool:
+    return annotation in (int, float) or any(_numeric(a) for a in get_args(annotation))
+
+
+def _float_or(value, default: float) -> float:
+    try:
+        return float(value)
+    except (ValueError, OverflowError):
+        return default
+
+
+def _holds_bool(value) -> bool:
+    if isinstance(value, dict):
+        value = list(value.values())
+    return isinstance(value, bool) or isinstance(value, list) and any(_holds_bool(v) for v in value)
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: every float must be finite (a learning rate of .inf, a NaN beta)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, v, info):
+        """YAML `true` for a number would pass as 1 (1.0): refused. YAML ints for float fields stay fine."""
+        if _holds_bool(v) and _numeric(cls.model_fields[info.field_name].annotation):
+            raise ValueError("must be a number, not true/false")
+        return v
 
     @model_validator(mode="after")
     def _micro_divides(self):
@@ -38,7 +110,7 @@ class _Section(BaseModel):
 
 class RunConfig(_Section):
     name: str = Field("flywheel", pattern=r"^[A-Za-z0-9_.-]+$")
-    iterations: int = Field(2, ge=1, description="DPO iterations after M1: 2 gives M1 -> M2 -> M3.")
+    iterations: int = Field(2, ge=1, le=MAX_ITERATIONS, description="DPO iterations after M1: 2 gives M1 -> M2 -> M3.")
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = Field(None, ge=1, description="Torch CPU threads; default: OMP_NUM_THREADS if set, else "
@@ -52,13 +124,13 @@ class RegistryConfig(_Section):
 class TinyModelConfig(_Section):
     """A Llama-architecture model built from scratch, with a byte-level BPE tokenizer trained on local text."""
 
-    vocab_size: int = Field(2048, ge=300)
+    vocab_size: int = Field(2048, ge=300, le=262144)
     hidden_size: int = Field(128, ge=8)
     intermediate_size: int = Field(256, ge=8)
     num_layers: int = Field(4, ge=1)
     num_heads: int = Field(4, ge=1)
     num_kv_heads: int = Field(2, ge=1)
-    max_position: int = Field(1024, ge=64)
+    max_position: int = Field(1024, ge=64, le=MAX_LENGTH)
     pretrain_steps: int = Field(300, ge=0, description="Causal-LM steps on the seed corpus: the PT model.")
     pretrain_lr: float = Field(3e-3, gt=0)
     pretrain_batch_size: int = Field(16, ge=1)
@@ -103,9 +175,12 @@ SeedFormat = Literal["auto", "flywheel", "oasst", "self_instruct", "alpaca", "ch
 
 
 class SeedsConfig(_Section):
-    path: Path = Path("seeds/demo.jsonl")
+    path: ShippedPath = REPO / "seeds/demo.jsonl"
     format: SeedFormat = Field("auto", description="Seed file format; 'auto' decides from the file name and records.")
     eft: bool = Field(True, description="Add judge-training (EFT) examples to M1's SFT data.")
+    max_chars: int = Field(20000, ge=1, le=1_000_000, description="The longest seed prompt or reply, in characters "
+                           "(20000: about 5000 tokens); a longer one is refused before the run, naming its record. "
+                           "Few-shot prompts hold several seeds, so one huge seed makes every one huge.")
 
 
 class TrainerSection(_Section):
@@ -116,13 +191,13 @@ class TrainerSection(_Section):
 class SFTConfig(TrainerSection):
     """M1 = SFT of the base model on the seed data (paper: lr 5.5e-6 -> 1.1e-6, batch 16)."""
 
-    epochs: float = Field(3.0, gt=0)
+    epochs: float = Field(3.0, gt=0, le=MAX_EPOCHS)
     learning_rate: float = Field(5.5e-6, gt=0)
     batch_size: int = Field(16, ge=1)
     micro_batch_size: int | None = Field(None, ge=1, description="Sequences per forward pass, accumulated to "
                                          "batch_size per step (a divisor of it): less activation memory, same "
                                          "steps. Default: batch_size.")
-    max_length: int = Field(1024, ge=16)
+    max_length: int = Field(1024, ge=16, le=MAX_LENGTH)
     baseline_examples: int | None = Field(
         None, ge=1, description="train.trainer 'sft' (the plain-SFT baseline): seed examples trained on per iteration; "
                                 "default 2 x self_instruct.num_prompts x dpo.epochs, the most sequences a DPO "
@@ -138,13 +213,13 @@ class SelfInstructConfig(_Section):
         "auto", description="'completion': the model continues a few-shot list (`template`), for base models; "
                             "'chat': the few-shot list goes in one user turn (`chat_template`), for instruct models. "
                             "'auto': completion for the tiny scratch model, chat for a real base.")
-    template: Path = Path("prompts/self_instruct.txt")
-    chat_template: Path = Path("prompts/self_instruct_chat.txt")
-    num_prompts: int = Field(64, ge=1, description="Prompts to attempt per iteration (before filtering).")
-    few_shot: int = Field(8, ge=1)
-    temperature: float = Field(0.6, ge=0)
+    template: ShippedPath = REPO / "prompts/self_instruct.txt"
+    chat_template: ShippedPath = REPO / "prompts/self_instruct_chat.txt"
+    num_prompts: int = Field(64, ge=1, le=1_000_000, description="Prompts to attempt per iteration (before filtering).")
+    few_shot: int = Field(8, ge=1, le=64)
+    temperature: float = Field(0.6, ge=0, description="0 is greedy: fine here, one reply per attempt.")
     top_p: float = Field(0.9, gt=0, le=1)
-    max_new_tokens: int = Field(48, ge=1)
+    max_new_tokens: int = Field(48, ge=1, le=MAX_NEW_TOKENS)
     min_words: int = Field(3, ge=1)
     max_words: int = Field(150, ge=1)
     dedup_threshold: float = Field(0.7, gt=0, le=1, description="ROUGE-L F at or above which a prompt is a near-duplicate.")
@@ -157,13 +232,15 @@ class SelfInstructConfig(_Section):
     batch_size: int = Field(32, ge=1)
     prompts_file: Path | None = Field(
         None, description="Take each iteration's prompts from this JSON Lines file ({'prompt', 'reference'?}) "
-                          "instead of generating them: num_prompts per iteration, none used twice in a run.")
+                          "instead of generating them: num_prompts per iteration, none used twice in a run. A repeated "
+                          "prompt counts once (with a warning); a file with fewer distinct prompts (not seeds) than "
+                          "num_prompts x iterations is refused before the run.")
 
 
 class SamplingSection(_Section):
     temperature: float = Field(0.7, ge=0)
     top_p: float = Field(0.9, gt=0, le=1)
-    max_new_tokens: int = Field(256, ge=1)
+    max_new_tokens: int = Field(256, ge=1, le=MAX_NEW_TOKENS)
     batch_size: int = Field(16, ge=1, description="Prompts per generate() call.")
 
 
@@ -183,23 +260,38 @@ class VLLMBackendConfig(_Section):
     tensor_parallel_size: int = Field(1, ge=1)
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
     dtype: str = "auto"
-    max_model_len: int | None = None
+    max_model_len: int | None = Field(None, ge=16, le=MAX_LENGTH)
 
 
 class GenerateConfig(SamplingSection):
     backend: Literal["transformers", "vllm", "openai"] = "transformers"
-    n: int = Field(4, ge=2, description="Candidates per prompt (paper: 4).")
+    n: int = Field(4, ge=2, le=MAX_N, description="Candidates per prompt (paper: 4).")
     openai: OpenAIBackendConfig = OpenAIBackendConfig()
     vllm: VLLMBackendConfig = VLLMBackendConfig()
 
+    @model_validator(mode="after")
+    def _greedy(self) -> "GenerateConfig":
+        if self.temperature == 0:
+            raise ValueError(f"generate.temperature=0 is greedy decoding, which gives generate.n={self.n} identical "
+                             "candidates (transformers refuses it): set generate.temperature above 0 (paper: 0.7)")
+        return self
+
 
 class JudgeConfig(SamplingSection):
-    template: Path = Path("prompts/judge.txt")
+    template: ShippedPath = REPO / "prompts/judge.txt"
     mode: Literal["sample", "prob"] = Field(
         "sample", description="'sample': the paper's way, `samples` sampled verdicts parsed and averaged. 'prob': one "
                               "forward pass per candidate, the expected score over 0-5 from the next-token "
                               "probabilities after 'Score:' (transformers backend).")
-    samples: int = Field(3, ge=1, description="Judge samples per candidate, averaged (paper: 3).")
+    samples: int = Field(3, ge=1, le=MAX_JUDGE_SAMPLES, description="Judge samples per candidate, averaged (paper: 3).")
+
+    @model_validator(mode="after")
+    def _greedy(self) -> "JudgeConfig":
+        if self.mode == "sample" and self.samples > 1 and self.temperature == 0:
+            raise ValueError(f"judge.temperature=0 is greedy decoding, which gives judge.samples={self.samples} "
+                             "identical verdicts (transformers refuses it): set judge.temperature above 0 (paper: "
+                             "0.7), or judge.samples=1")
+        return self
 
 
 class RuleRewardConfig(_Section):
@@ -257,12 +349,12 @@ class DPOConfig(TrainerSection):
     beta: float = Field(0.1, gt=0)
     learning_rate: float = Field(1e-6, gt=0)
     min_lr_ratio: float = Field(0.1, gt=0, le=1, description="The learning rate decays (cosine) to this fraction.")
-    epochs: float = Field(1.0, gt=0)
+    epochs: float = Field(1.0, gt=0, le=MAX_EPOCHS)
     batch_size: int = Field(16, ge=1)
     micro_batch_size: int | None = Field(None, ge=1, description="Pairs per forward pass, accumulated to "
                                          "batch_size per step (a divisor of it): less activation memory, same "
                                          "steps. Default: batch_size.")
-    max_length: int = Field(1024, ge=16)
+    max_length: int = Field(1024, ge=16, le=MAX_LENGTH)
     dropout: float = Field(0.1, ge=0, lt=1)
     reference: Literal["previous", "m1"] = Field(
         "previous", description="Reference model: M_t (the model being trained from) or M1 throughout.")
@@ -286,7 +378,7 @@ class PPOConfig(TrainerSection):
     minibatch_size: int = Field(8, ge=1)
     ppo_epochs: int = Field(2, ge=1)
     learning_rate: float = Field(1e-6, gt=0)
-    value_learning_rate: float | None = Field(None, description="Default: learning_rate.")
+    value_learning_rate: float | None = Field(None, gt=0, description="Default: learning_rate.")
     kl_coef: float = Field(0.05, ge=0)
     clip_range: float = Field(0.2, gt=0)
     clip_range_value: float = Field(0.2, gt=0)
@@ -295,7 +387,7 @@ class PPOConfig(TrainerSection):
     whiten_rewards: bool = True
     temperature: float = Field(0.7, gt=0)
     top_p: float = Field(0.9, gt=0, le=1)
-    max_new_tokens: int = Field(256, ge=1)
+    max_new_tokens: int = Field(256, ge=1, le=MAX_NEW_TOKENS)
     max_grad_norm: float = Field(1.0, gt=0)
 
 
@@ -303,21 +395,21 @@ class OnlineRLConfig(TrainerSection):
     """GRPO / RLOO through TRL, with the coherent and rule rewards as reward functions."""
 
     learning_rate: float = Field(1e-6, gt=0)
-    num_generations: int = Field(4, ge=2)
+    num_generations: int = Field(4, ge=2, le=MAX_N)
     batch_size: int = Field(8, ge=1, description="Completions per step (a multiple of num_generations).")
     max_steps: int = Field(20, ge=1)
     beta: float = Field(0.04, ge=0, description="KL coefficient against the reference model.")
     temperature: float = Field(0.7, gt=0)
-    max_completion_length: int = Field(256, ge=1)
+    max_completion_length: int = Field(256, ge=1, le=MAX_NEW_TOKENS)
 
 
 class RSSFTConfig(TrainerSection):
     """Rejection-sampling fine-tuning: the best of the N candidates by the combined reward, then SFT."""
 
-    epochs: float = Field(1.0, gt=0)
+    epochs: float = Field(1.0, gt=0, le=MAX_EPOCHS)
     learning_rate: float = Field(5.5e-6, gt=0)
     batch_size: int = Field(16, ge=1)
-    max_length: int = Field(1024, ge=16)
+    max_length: int = Field(1024, ge=16, le=MAX_LENGTH)
     min_score: float | None = Field(None, description="Keep a best candidate only if its combined score is at least this.")
 
 
@@ -328,7 +420,7 @@ class LaunchConfig(_Section):
     num_processes: int = Field(1, ge=1)
     num_machines: int = Field(1, ge=1)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    deepspeed_config: Path | None = Field(None, description="A DeepSpeed ZeRO JSON (see configs/deepspeed/).")
+    deepspeed_config: ShippedPath | None = Field(None, description="A DeepSpeed ZeRO JSON (see configs/deepspeed/).")
 
 
 class TrainConfig(_Section):
@@ -358,6 +450,20 @@ class FlywheelConfig(_Section):
     rloo: OnlineRLConfig = OnlineRLConfig()
     rs_sft: RSSFTConfig = RSSFTConfig()
     monitors: MonitorsConfig = MonitorsConfig()
+
+    @field_validator("monitors", mode="before")
+    @classmethod
+    def _monitor_numbers(cls, v):
+        """`monitors` is not a _Section (flywheel/analysis/monitors.py): the same rules for its numbers, here."""
+        for name, value in v.items() if isinstance(v, dict) else ():
+            field = MonitorsConfig.model_fields.get(name)
+            if not field or not _numeric(field.annotation):
+                continue
+            if isinstance(value, bool):
+                raise ValueError(f"{name} must be a number, not true/false")
+            if isinstance(value, (int, float, str)) and not math.isfinite(_float_or(value, 0.0)):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        return v
 
     @model_validator(mode="after")
     def _trainers_known(self) -> "FlywheelConfig":
@@ -453,3 +559,31 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         return FlywheelConfig.model_validate(data)
     except ValidationError as e:
         raise ConfigError(_format_errors(e)) from None
+
+
+def check_template(text: str, setting: str, path, fields: tuple[str, ...]) -> None:
+    """Refuse a prompt template that its stage cannot fill with `str.format(**fields)`, before any work: a stray brace,
+    a field the stage does not fill in (FastChat's {question}, literal JSON braces, positional {}), a conversion or
+    format spec, or one of `fields` missing (the model would never see it). The message names the setting, the file,
+    the line and the field."""
+    escape = "write a literal brace as {{ or }}"
+    try:
+        parsed = list(string.Formatter().parse(text))
+    except ValueError as e:
+        stray = next((m for m in re.finditer(r"\{\{|\}\}|\{[^{}]*\}|[{}]", text) if len(m.group()) == 1), None)
+        where = f" line {text.count(chr(10), 0, stray.start()) + 1}" if stray else ""
+        raise ConfigError(f"{setting}: {path}{where}: a stray brace ({e}); {escape}") from None
+    allowed = ", ".join(f"{{{f}}}" for f in fields)
+    for _, name, spec, conversion in parsed:
+        if name is None:
+            continue
+        field = f"{{{name}{'!' + conversion if conversion else ''}{':' + spec if spec else ''}}}"
+        if name not in fields or spec or conversion:
+            line = text.count("\n", 0, max(text.find(field), 0)) + 1
+            raise ConfigError(f"{setting}: {path} line {line}: the field {field} is not one this stage fills in "
+                              f"(it fills {allowed}); {escape}")
+    found = {name for _, name, _, _ in parsed}
+    missing = [f for f in fields if f not in found]
+    if missing:
+        raise ConfigError(f"{setting}: {path} has no {{{missing[0]}}} field, so the model would never see it; "
+                          f"the template needs {allowed}")

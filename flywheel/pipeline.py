@@ -124,6 +124,10 @@ def run(cfg: FlywheelConfig, call: Call = call_here, iterate=run_iteration) -> s
         except BaseException:
             with ctx.registry() as reg:
                 reg.finish_run(run_id, "failed")
+                try:  # the report says it failed, where and why, beside the figures of what finished
+                    report.write(reg, run_id)
+                except Exception as e:  # never hide the failure itself behind one of the report's
+                    log.warning("the failed run's report could not be written: %s", e)
             raise
         with ctx.registry() as reg:
             reg.finish_run(run_id, "done")
@@ -140,19 +144,21 @@ def warn_monitors(reg: Registry, run_id: str, iteration: int) -> None:
 
 
 def preflight(cfg: FlywheelConfig) -> None:
-    """Fail before the run starts on inputs that are missing or malformed."""
+    """Fail before the run starts on inputs that are missing or malformed, or that a stage would fail on after minutes
+    of work: a seed longer than seeds.max_chars, a template whose fields are not exactly what its stage fills in (or
+    with a stray brace), a prompts file too small for the run. (Bad values are refused when the config loads.)"""
     from .backends import check_backend
     from .backends.bases import resolve_base
     from .stages.seeds import load_seed_data
 
     resolve_base(cfg.model.base)  # a missing package or file, or a GGUF this install cannot read: named here
-    load_seed_data(cfg.seeds.path, cfg.seeds.format)
+    data = load_seed_data(cfg.seeds.path, cfg.seeds.format, max_chars=cfg.seeds.max_chars)
     check_backend(cfg.generate)
-    judge.check_judge(cfg)
+    judge.check_judge(cfg)  # its template too: M1's EFT fills it even when the judge stage is off
     if cfg.model.base == "tiny" and cfg.model.tiny.corpus:
         bootstrap.read_corpus(cfg.model.tiny.corpus)
-    if cfg.self_instruct.prompts_file:
-        self_instruct.read_prompts_file(cfg.self_instruct.prompts_file)
-    for name, path in (("judge.template", cfg.judge.template), ("self_instruct.template", cfg.self_instruct.template)):
-        if not path.is_file():
-            raise ConfigError(f"{name}: template file not found: {path}")
+    if not cfg.self_instruct.template.is_file():  # the base stage reads it in any mode
+        raise ConfigError(f"self_instruct.template: template file not found: {cfg.self_instruct.template}")
+    rounds = sum(SELF_INSTRUCT in steps_for(cfg, t) for t in range(1, cfg.run.iterations + 1))
+    seed_prompts = {s.instruction for s in data.ift} | {r.instruction for r in data.ranked}
+    self_instruct.check_self_instruct(cfg, seed_prompts, rounds)

@@ -149,6 +149,7 @@ def pending_batches(reg: Registry, stage: str, table: str, key: str, items: list
         ids = ids_of(batch)
         if reg.existing(table, key, ids) == set(ids):
             continue  # committed before a crash
+        reg.release()  # the batch's work (generation, scoring) needs no registry: readers can get in
         yield b, batch, ids
         log.info("%s: committed batch %d/%d (%d rows)", stage, b + 1, len(todo), len(ids))
 
@@ -158,8 +159,13 @@ def batch_seed(stage_run_id: str, batch_index: int, run_seed: int) -> int:
 
 
 def backend_for(cfg: FlywheelConfig, reg: Registry, model_id: str) -> GenerationBackend:
-    """The configured generation backend on a registered model (loaded once, shared by consecutive stages)."""
-    return make_backend(cfg.generate, reg.model(model_id)["path"], resolve_device(cfg.run.device))
+    """The configured generation backend on a registered model (loaded once, shared by consecutive stages). The
+    registry is released before the model loads and generates, so readers get in meanwhile."""
+    from .registry.integrity import model_path
+
+    path = model_path(reg, model_id)  # its folder is there and its weights are those registered, or a clear error
+    reg.release()
+    return make_backend(cfg.generate, path, resolve_device(cfg.run.device))
 
 
 def read_template(path, setting: str = "template") -> str:

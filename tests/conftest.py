@@ -9,6 +9,8 @@ _PREFECT_HOME = tempfile.mkdtemp(prefix="flywheel-prefect-")
 os.environ["PREFECT_HOME"] = _PREFECT_HOME
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["HF_HUB_OFFLINE"] = "1"
+# Prefect's API server starts in ~10 s on a quiet machine, minutes on a loaded one: runs in subprocesses wait for it.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "600")
 # Tiny models on 2 cores: one torch thread is faster than two fighting over the cores (and each subprocess inherits it).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 

@@ -105,3 +105,10 @@ def test_dpo():
     lean = next(v for k, v in table.items() if k.startswith("lean"))
     assert base[0] == lean[0] == "1"  # one step each
     assert times(base[2]) == 1.0 and float(lean[3].replace(",", "")) > 0
+
+
+def test_serve_load():  # the script exits non-zero on any 5xx, or when a phase served no normal request
+    table = by_first(run_bench("serve_load", "--smoke"))
+    baseline, abused = table["baseline: normal clients alone"], table["under abuse"]
+    assert baseline[4] == "1.00x" and times(abused[4]) > 0
+    assert int(abused[0]) > int(baseline[0])  # the abusive requests were sent, and answered (no 5xx: checked above)

@@ -36,6 +36,13 @@ def test_metrics_match_hand_computed_values():
     assert m.kendall_tau == pytest.approx((1 / 3 + 2 / math.sqrt(6)) / 2)
 
 
+def test_pairs_and_prompts_skipped_are_counted_with_the_reason():
+    m = agreement({**DATA, "E": [(0, None), (1, 2.0), (2, None)]})
+    # humans ranked 3 (A) + 6 (B) + 0 (C) + 1 (D) + 3 (E) pairs differently; 7 had both replies scored
+    assert (m.ranked_pairs, m.pairs, m.pairs_unscored) == (13, 7, 6)
+    assert (m.prompts, m.prompts_compared, m.prompts_one_rank, m.prompts_unscored) == (5, 3, 1, 1)
+
+
 def test_unscored_replies_are_excluded_not_scored_zero():
     with_none = agreement({"p": [(0, None), (1, 3.0), (2, 1.0)]})
     with_nan = agreement({"p": [(0, float("nan")), (1, 3.0), (2, 1.0)]})
@@ -160,3 +167,31 @@ def test_cli_names_a_missing_template_before_loading_the_model(judge_model, caps
 def test_cli_refuses_data_without_rankings(capsys, tmp_path):
     code = main(["eval", "judge", "--data", "tests/fixtures/seeds/alpaca.json", "--model", str(tmp_path)])
     assert code == 2 and "no human-ranked replies" in capsys.readouterr().out
+
+
+def test_cli_says_how_many_pairs_it_scored_and_what_it_skipped(monkeypatch, capsys, tmp_path):
+    """The report counts the pairs actually scored among those humans ranked differently, and names what was
+    skipped: here 1 of 12 pairs scored, and the fixture's tree with no ranked reply."""
+    import flywheel.analysis.eval_judge as ej
+
+    def judge_two(cfg, ranked, model_path, device=None):  # the judge scores two replies of the first tree only
+        replies = [ej.JudgedReply(key, j, r.rank, None) for key, p in zip(ej.prompt_keys(ranked), ranked)
+                   for j, r in enumerate(p.replies)]
+        replies[0].score, replies[1].score = 5.0, 1.0
+        return replies
+
+    monkeypatch.setattr(ej, "judge_ranked", judge_two)
+    monkeypatch.setattr(ej, "resolve_model", lambda spec, root: {"path": spec, "model_id": None, "name": None})
+    code = main(["eval", "judge", "--data", "tests/fixtures/seeds/oasst.jsonl", "--model", "m", "--json"])
+    result = json.loads(capsys.readouterr().out)
+    m = result["metrics"]
+    assert code == 0 and (m["pairs"], m["agree"], m["ranked_pairs"], m["pairs_unscored"]) == (1, 1, 12, 11)
+    assert result["records_without_ranks"] == 1
+    from rich.console import Console
+
+    monkeypatch.setattr("flywheel.cli.eval.console", Console(width=400))  # one line per row
+    assert main(["eval", "judge", "--data", "tests/fixtures/seeds/oasst.jsonl", "--model", "m"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "0.0% of 1 scored pairs" in out and "1 scored; 11 skipped: a reply with no valid judge score" in out
+    assert "trees in the file with no human-ranked reply: not judged" in out
+    assert "pairs humans ranked differently" in out and "12" in out

@@ -14,7 +14,6 @@ come from the coherent reward (log p_SFT - log p_PT), which a random tiny model 
 cannot write a verdict, and the judge stage runs all the same.
 """
 
-import hashlib
 import os
 import shutil
 import signal
@@ -29,14 +28,12 @@ import pytest
 from flywheel import pipeline
 from flywheel.config import FlywheelConfig, load_config
 from flywheel.registry import Registry
+from tests.helpers.compare import _ledger, _rows, check_registry
 from tests.helpers.models import tiny_overrides
 
 pytestmark = pytest.mark.slow  # real runs in subprocesses, killed and resumed
 
 REPO = Path(__file__).resolve().parents[1]
-# Timestamps, timings, and the hash of the flywheel source a process ran (a fork's stages run in another process; in a
-# working tree being edited, its code may differ from the reference's: that is not a difference in the data).
-VOLATILE = {"created_at", "started_at", "finished_at", "stats", "metrics", "code_hash"}
 STAGES = ["seeds", "base", "sft", "self_instruct", "generate", "judge", "reward", "pairs", "dpo"]
 
 
@@ -142,64 +139,6 @@ def reference(tmp_path_factory) -> Reference:
         assert reg.scalar("SELECT count(*) FROM prompts WHERE source = 'self_instruct' AND kept") >= 5
         assert reg.scalar("SELECT count(*) FROM pairs") > 0
     return ref
-
-
-def contents(root: Path) -> dict[str, list[tuple]]:
-    """Every table's rows (less volatile columns), ordered by its primary key."""
-    with Registry(root) as reg:
-        keys = primary_keys(reg)
-        out = {}
-        for table, key in keys.items():
-            cols = [c for c in reg.con.execute(f"SELECT * FROM {table} LIMIT 0").description if c[0] not in VOLATILE]
-            out[table] = reg.con.execute(f"SELECT {', '.join(c[0] for c in cols)} FROM {table} "
-                                         f"ORDER BY {', '.join(key)}").fetchall()
-    return out
-
-
-def primary_keys(reg: Registry) -> dict[str, list[str]]:
-    rows = reg.rows("SELECT table_name, constraint_column_names AS cols FROM duckdb_constraints() "
-                    "WHERE constraint_type = 'PRIMARY KEY' ORDER BY table_name")
-    return {r["table_name"]: list(r["cols"]) for r in rows}
-
-
-def check_registry(ref: Reference) -> None:
-    """The resumed registry equals the reference: same rows, same model weights, no duplicate keys, no model row
-    pointing at a missing or partial folder."""
-    got, want = contents(ref.work), contents(ref.snapshots / "final")
-    assert set(got) == set(want)
-    for table in want:
-        diffs = [(i, x, y) for a, b in zip(got[table], want[table]) if a != b
-                 for i, (x, y) in enumerate(zip(a, b)) if x != y]
-        assert got[table] == want[table], f"table {table} differs from the uninterrupted run: {diffs[:3]}"
-    with Registry(ref.work) as reg:
-        for table, key in primary_keys(reg).items():
-            sql = f"SELECT count(*), count(DISTINCT ({', '.join(key)})) FROM {table}"
-            n, distinct = reg.con.execute(sql).fetchone()
-            assert n == distinct, f"{table} has duplicate keys"
-        models = reg.rows("SELECT model_id, path FROM models")
-    assert {m["model_id"].split("-")[0] for m in models} == {"base", "sft", "dpo"}
-    for m in models:
-        folder = Path(m["path"])
-        assert not folder.name.startswith("."), f"{m['model_id']} is registered at a temp folder"
-        for name in ("config.json", "model.safetensors", "tokenizer.json"):
-            assert (folder / name).is_file(), f"{m['model_id']}: {name} missing in {folder}"
-        twin = ref.snapshots / "final" / folder.relative_to(ref.work)
-        assert _sha256(folder / "model.safetensors") == _sha256(twin / "model.safetensors"), m["model_id"]
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _rows(root: Path, table: str) -> dict[str, tuple]:
-    with Registry(root) as reg:
-        key = primary_keys(reg)[table][0]
-        return {r[0]: r for r in reg.con.execute(f"SELECT {key}, * EXCLUDE (created_at) FROM {table}").fetchall()}
-
-
-def _ledger(root: Path) -> dict[str, str]:
-    with Registry(root) as reg:
-        return {r["stage"]: r["status"] for r in reg.rows("SELECT stage, status FROM stage_runs")}
 
 
 # --- the kill points ----------------------------------------------------------------------------------------------

@@ -40,6 +40,7 @@ def test_best_vs_worst_with_ties_and_failures(cfg):
             "p2": {"d": [3, 3], "e": [3, None]},                         # all tie -> dropped
             "p3": {"f": [5, 5], "g": [None, None]},                      # g has no valid sample -> only f -> no pair
             "p4": {"h": [2], "i": [2], "j": [0]},                        # h, i tie for best: larger id chosen
+            "p5": {"k": [None], "l": [None, None]},                      # no valid sample at all -> no pair
         })
     result, pairs = _pairs(cfg)
     assert set(pairs) == {"p1", "p4"}
@@ -47,7 +48,10 @@ def test_best_vs_worst_with_ties_and_failures(cfg):
     assert (pairs["p1"]["chosen_score"], pairs["p1"]["rejected_score"]) == (4.0, 1.5)
     assert (pairs["p4"]["chosen_id"], pairs["p4"]["rejected_id"]) == ("i", "j")
     assert all(p["chosen_score"] > p["rejected_score"] for p in pairs.values())
-    assert result.stats["pairs"] == 2 and result.stats["prompts_scored"] == 4 and result.stats["unpaired"] == 2
+    assert result.stats["pairs"] == 2 and result.stats["prompts_scored"] == 4
+    # why the other three made none: a tie is only a tie when two candidates were scored
+    assert result.stats["unpaired"] == {"no_scored_candidate": 1, "one_scored_candidate": 1, "tie": 1,
+                                        "within_min_margin": 0}
 
     with Registry(cfg.registry.root) as reg:
         train = read_version(reg, stage_version(reg, result.stage_run_id, "train")).to_pylist()
@@ -139,6 +143,7 @@ def test_dpo_reads_the_train_version_and_refuses_an_altered_one(cfg, monkeypatch
     import flywheel.training.dpo as dpo
     from flywheel.stage import IterationState, StageContext
 
+    (cfg.registry.root / "m1").mkdir(parents=True)  # a model folder that is there (M1 is registered unhashed)
     with Registry(cfg.registry.root) as reg:
         _write(reg, {"p1": {"a": [5], "b": [1]}, "p2": {"c": [4], "d": [2]}})
         reg.register_model(model_id="m1", run_id="r", name="M1", kind="sft", iteration=0, parent_id=None,

@@ -367,3 +367,19 @@ def test_example_pairs_on_the_terminal(examples_registry):
     assert "judge sample 0 (no verdict): I cannot tell." in two and "only pair, margin 1.25" in two
     assert "largest margin 1.00" in three and "coherent 0.75; pair score 0.75" in three
     assert "judge" not in three.split("monitors")[0]
+
+
+def test_a_failed_run_says_so_where_and_why(tmp_path, capsys):
+    run_id = build_run(tmp_path, [HEALTHY])
+    with Registry(tmp_path) as reg:
+        sid = add_stage(reg, run_id, 2, "judge")
+        reg.fail_stage(sid, "ValueError: the judge template has no {response}\nTraceback ...")
+        reg.finish_run(run_id, "failed")
+        text = markdown(reg, run_id)
+    assert "This run FAILED: it stopped in judge (iteration 2): ValueError: the judge template has no {response}" in text
+    assert cli_main(["report", "--registry", str(tmp_path)]) == 0
+    assert "This run FAILED" in capsys.readouterr().out
+    assert "This run FAILED" in (tmp_path / "runs" / run_id / "report.md").read_text()
+    with Registry(tmp_path) as reg:
+        reg.finish_run(run_id, "done")
+        assert "FAILED" not in markdown(reg, run_id)

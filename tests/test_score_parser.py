@@ -188,3 +188,33 @@ def test_never_raises_on_random_text():
         outcomes.add(result.error)
     # The generator really exercises the parser: successes and several error codes occur.
     assert None in outcomes and len(outcomes) >= 4, outcomes
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("Points: 3", ParsedScore(3.0, None)),
+        ("Total points: 4", ParsedScore(4.0, None)),
+        ("**Points:** 2", ParsedScore(2.0, None)),
+        ("Score = 3", ParsedScore(3.0, None)),
+        ("score=3", ParsedScore(3.0, None)),
+        ("Rating: [[4]]", ParsedScore(4.0, None)),  # FastChat's verdict
+        ("The reply is fine.\nRating: [[4]].", ParsedScore(4.0, None)),
+        ("Score: [[4]]", ParsedScore(4.0, None)),
+        ("Rating: [3]", ParsedScore(3.0, None)),
+        # "Points:"/"Rating:" count only without a "Score" verdict: per-criterion points do not conflict with it
+        ("Relevance - Points: 1\nPoints: 1\nScore: 3", ParsedScore(3.0, None)),
+        ("Rating: [[2]]\nScore: 4", ParsedScore(4.0, None)),
+        # the same strictness as "Score"
+        ("I award 4 points.", ParsedScore(None, "no_score")),
+        ("Points 3", ParsedScore(None, "no_score")),
+        ("Relevance rating: 2", ParsedScore(None, "no_score")),
+        ("checkpoints: 3", ParsedScore(None, "no_score")),
+        ("Points: 3\nRating: [[4]]", ParsedScore(None, "conflicting_scores")),
+        ("Rating: [[8]]", ParsedScore(None, "out_of_range")),  # MT-Bench's 1-10 scale is not ours
+        ("Points: many", ParsedScore(None, "not_a_number")),
+        ("Score == 3", ParsedScore(None, "not_a_number")),
+    ],
+)
+def test_points_rating_and_equals_verdicts(text, expected):
+    assert parse_score(text) == expected

@@ -12,7 +12,8 @@ human-ranked Open Assistant replies; ../shared/METHOD.md).
   "0".."5": `low_prob_mass`) is *unscored*: left out of every metric and counted, never scored 0. A reply with no
   human rank is *unranked*: not judged, counted.
 - Pairwise accuracy: over all pairs of scored replies to the same prompt that humans ranked differently (rank 0 is
-  best), the share the judge orders the same way. Pairs the judge scores equally are *judge ties*, reported
+  best), the share the judge orders the same way. `ranked_pairs` counts every pair humans ranked differently;
+  `pairs` those of them where both replies were scored, the rest (`pairs_unscored`) are skipped and counted. Pairs the judge scores equally are *judge ties*, reported
   separately: `pairwise_accuracy` leaves them out (agree / (agree + disagree)), and `pairwise_accuracy_ties_as_wrong`
   is agree / all pairs, for comparison with reports that count ties as errors.
 - Spearman and Kendall tau (tau-b, which handles ties) between the judge's score and the human order (negated rank,
@@ -20,6 +21,8 @@ human-ranked Open Assistant replies; ../shared/METHOD.md).
   averaged over prompts. Per prompt, not pooled: humans ranked replies within a prompt, so rank 0 of one prompt
   says nothing about rank 1 of another. A prompt where the judge gave every reply the same score has no defined
   correlation: it is left out of the averages and counted (`prompts_judge_constant`); its pairs are judge ties.
+- A prompt gives no pair when its ranked replies share one rank (or it has one), counted in `prompts_one_rank`, or
+  when its scored replies do (too few scored), counted in `prompts_unscored`.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from __future__ import annotations
 import math
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
+from itertools import combinations
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -42,10 +46,14 @@ class Agreement:
     prompts_compared: int = 0         # with >= 2 distinct human ranks among scored replies
     prompts_correlated: int = 0       # of those, with a defined correlation (in the Spearman/Kendall means)
     prompts_judge_constant: int = 0   # of those, where the judge scored every reply the same (left out of the means)
+    prompts_one_rank: int = 0         # skipped: fewer than 2 distinct human ranks among the ranked replies
+    prompts_unscored: int = 0         # skipped: 2+ distinct human ranks, but not among the scored replies
     replies: int = 0
     unranked: int = 0                 # no human rank: excluded
     unscored: int = 0                 # ranked but no valid judge score: excluded, never scored 0
-    pairs: int = 0                    # pairs of scored replies that humans ranked differently
+    ranked_pairs: int = 0             # pairs of ranked replies that humans ranked differently, scored or not
+    pairs: int = 0                    # of those, pairs of two scored replies: the ones compared
+    pairs_unscored: int = 0           # of those, skipped: a reply has no valid judge score
     agree: int = 0
     disagree: int = 0
     judge_ties: int = 0               # pairs the judge scored equally: not in `pairwise_accuracy`
@@ -70,10 +78,15 @@ def agreement(data: Mapping[str, Sequence[tuple[int | None, float | None]]]) -> 
     for replies in data.values():
         out.replies += len(replies)
         out.unranked += sum(rank is None for rank, _ in replies)
-        scored = [(rank, score) for rank, score in replies if rank is not None]
-        out.unscored += sum(score is None or math.isnan(score) for _, score in scored)
-        scored = [(rank, score) for rank, score in scored if score is not None and not math.isnan(score)]
+        ranked = [(rank, score) for rank, score in replies if rank is not None]
+        scored = [(rank, score) for rank, score in ranked if score is not None and not math.isnan(score)]
+        out.unscored += len(ranked) - len(scored)
+        out.ranked_pairs += sum(a != b for (a, _), (b, _) in combinations(ranked, 2))
+        if len({rank for rank, _ in ranked}) < 2:
+            out.prompts_one_rank += 1
+            continue
         if len({rank for rank, _ in scored}) < 2:
+            out.prompts_unscored += 1
             continue
         out.prompts_compared += 1
         for i, (rank_a, score_a) in enumerate(scored):
@@ -95,6 +108,7 @@ def agreement(data: Mapping[str, Sequence[tuple[int | None, float | None]]]) -> 
         spearman.append(stats.spearmanr(human, judge).statistic)
         kendall.append(stats.kendalltau(human, judge).statistic)
     out.prompts_correlated = len(spearman)
+    out.pairs_unscored = out.ranked_pairs - out.pairs
     out.pairwise_accuracy = _ratio(out.agree, out.agree + out.disagree)
     out.pairwise_accuracy_ties_as_wrong = _ratio(out.agree, out.pairs)
     out.judge_tie_rate = _ratio(out.judge_ties, out.pairs)
@@ -168,15 +182,18 @@ def resolve_model(spec: str, registry_root: Path) -> dict:
             raise ValueError(f"--model {spec}: the folder holds no config.json, so it is not a saved model")
         return {"path": str(spec), "model_id": None, "name": None}
     from ..registry import Registry, RegistryLockedError, RegistrySchemaError
+    from ..registry.integrity import model_path
 
     db = Path(registry_root) / "flywheel.duckdb"
     if not db.is_file():
         raise ValueError(f"--model {spec}: not a model folder, and there is no registry at {db} to look it up in "
                          "(set --registry)")
     try:
-        with Registry(registry_root) as reg:
+        with Registry(registry_root, read_only=True) as reg:
             rows = reg.rows("SELECT model_id, name, path FROM models WHERE model_id = ? OR name = ? "
                             "ORDER BY model_id = ? DESC, created_at DESC LIMIT 1", [spec, spec, spec])
+            if rows:  # the folder checked against its registered weights hash
+                rows[0]["path"] = model_path(reg, rows[0]["model_id"])
             names = [r["name"] for r in reg.rows("SELECT DISTINCT name FROM models ORDER BY name")]
     except (RegistryLockedError, RegistrySchemaError) as e:
         raise ValueError(str(e)) from None

@@ -194,6 +194,7 @@ def run_experiment(exp: ExperimentConfig, root: Path, variants: list[str] | None
     """Run every (seed, variant) and score every model; returns the result rows (also written to results.json)."""
     from ..pipeline import run
     from ..registry import Registry
+    from ..registry.integrity import model_path
     from ..registry.runs import run_id_for
     from ..training import NoTrainingDataError
 
@@ -229,12 +230,13 @@ def run_experiment(exp: ExperimentConfig, root: Path, variants: list[str] | None
                 trained = [pair_quality(reg, run_id, t) for t in range(1, len(chain))]
                 sampled = [candidate_accuracy(reg, run_id, t) for t in range(1, len(chain) + 1)]
                 judged = [own_judgments(reg, run_id, t) for t in range(1, len(chain) + 1)]
+                paths = {m["model_id"]: model_path(reg, m["model_id"]) for m in chain}  # hash-checked
             for k, model in enumerate(chain):
                 cache = out / "eval" / f"{model['model_id']}-{scoring}.json"
                 if cache.is_file():
                     scores = json.loads(cache.read_text())
                 else:
-                    scores = score_model(cfg, model["path"], test, exp.eval, seed)
+                    scores = score_model(cfg, paths[model["model_id"]], test, exp.eval, seed)
                     cache.write_text(json.dumps(scores, indent=1))
                 row = {"seed": seed, "variant": variant, "model": model["name"], "model_id": model["model_id"],
                        "run_id": run_id, "run_seconds": round(seconds, 1),

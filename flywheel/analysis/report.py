@@ -236,7 +236,10 @@ def _pairs(reg: Registry, sid: str | None) -> dict:
         "JOIN candidates rj ON rj.candidate_id = pr.rejected_id WHERE pr.stage_run_id = ?", [sid])
     margins = [p["margin"] for p in rows]
     longer = sum(p["chosen_tokens"] > p["rejected_tokens"] for p in rows)
-    return {"pairs": len(rows) if sid else None, "margin": _quantiles(margins), "mean_margin": _mean(margins),
+    stats = json.loads(reg.scalar("SELECT stats FROM stage_runs WHERE stage_run_id = ?", [sid]) or "{}")
+    unpaired = stats.get("unpaired")  # why prompts made no pair (a number in registries before it was broken down)
+    return {"pairs": len(rows) if sid else None, "unpaired": unpaired if isinstance(unpaired, dict) else {},
+            "margin": _quantiles(margins), "mean_margin": _mean(margins),
             "longer_chosen_share": round(longer / len(rows), 4) if rows else None,
             "equal_length_pairs": sum(p["chosen_tokens"] == p["rejected_tokens"] for p in rows)}
 
@@ -340,6 +343,9 @@ def detail_lines(it: dict) -> list[str]:
         m = it["margin"]
         lines.append(f"pair margins: min {m['min']:.2f}, p10 {m['p10']:.2f}, median {m['median']:.2f}, "
                      f"p90 {m['p90']:.2f}, max {m['max']:.2f}; {it['equal_length_pairs']} pairs of equal length")
+    if it["unpaired"]:
+        why = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in it["unpaired"].items() if v) or "none"
+        lines.append(f"prompts without a pair: {why}")
     if it["distinct_1"] is not None:
         lines.append(f"diversity: distinct-1 {it['distinct_1']:.3f}, distinct-2 {_fmt(it['distinct_2'], '{:.3f}')}")
     for signal, r in it["rewards"].items():
@@ -459,10 +465,13 @@ def _checks_md(checks: list[Check]) -> list[str]:
 
 
 def render_markdown(run_id: str, iterations: list[dict], checks: list[Check], bootstrap: str | None = None,
-                    images: dict[str, str] | None = None) -> str:
-    """The report as Markdown; `images` maps 'curves' and 'scores-<t>' to image paths relative to the file."""
+                    images: dict[str, str] | None = None, status: str | None = None) -> str:
+    """The report as Markdown; `images` maps 'curves' and 'scores-<t>' to image paths relative to the file;
+    `status` (`status_sentence`) says that the run failed or has not finished."""
     images = images or {}
     lines = [f"# Report: run {run_id}", ""]
+    if status:
+        lines += [f"**{status}**", ""]
     if bootstrap:
         lines += [f"Iteration 0: {bootstrap}.", ""]
     if not iterations:
@@ -622,6 +631,23 @@ def bootstrap_sentence(reg: Registry, run_id: str) -> str | None:
             f"{sft.get('eft', 0)} EFT examples{loss} ({seconds:.0f} s)")
 
 
+def status_sentence(reg: Registry, run_id: str) -> str | None:
+    """None for a run that finished; else that it failed (or is running, or was killed), where it stopped and why."""
+    status = reg.scalar("SELECT status FROM runs WHERE run_id = ?", [run_id])
+    if status in (None, "done"):
+        return None
+    stopped = reg.rows("SELECT rs.iteration, rs.stage, s.status, s.error FROM run_stages rs "
+                       "JOIN stage_runs s USING (stage_run_id) WHERE rs.run_id = ? AND s.status != 'done' "
+                       "ORDER BY s.started_at LIMIT 1", [run_id])
+    head = ("This run FAILED" if status == "failed" else
+            "This run has not finished (it is running, or was killed)")
+    if stopped:
+        s = stopped[0]
+        error = (s["error"] or "").strip().splitlines()
+        head += f": it stopped in {s['stage']} (iteration {s['iteration']})" + (f": {error[0]}" if error else "")
+    return head + ". The figures below cover what finished; `flywheel resume` resumes it."
+
+
 def models_of(reg: Registry, run_id: str) -> list[dict]:
     """The run's models (PT, M1, M2, ...) with their folders, oldest first."""
     return reg.rows("SELECT m.name, m.path FROM models m WHERE m.stage_run_id IN "
@@ -633,7 +659,8 @@ def markdown(reg: Registry, run_id: str) -> str:
     """The report as one Markdown string without images: for `prefect.artifacts.create_markdown_artifact`."""
     iterations = collect(reg, run_id)
     checks = evaluate(iterations, monitors_config(reg, run_id))
-    text = render_markdown(run_id, iterations, checks, bootstrap_sentence(reg, run_id))
+    text = render_markdown(run_id, iterations, checks, bootstrap_sentence(reg, run_id),
+                           status=status_sentence(reg, run_id))
     return text + f"\nFull report with plots: `{report_dir(reg, run_id) / 'report.md'}`\n"
 
 
@@ -659,7 +686,8 @@ def write(reg: Registry, run_id: str) -> tuple[list[dict], list[Check], Path]:
             if it["judge_samples"]:
                 images[f"scores-{it['iteration']}"] = plot_scores(it, out / f"scores-{it['iteration']}.png").name
     path = out / "report.md"
-    path.write_text(render_markdown(run_id, iterations, checks, bootstrap_sentence(reg, run_id), images))
+    path.write_text(render_markdown(run_id, iterations, checks, bootstrap_sentence(reg, run_id), images,
+                                    status_sentence(reg, run_id)))
     (out / "report.json").write_text(json.dumps(
         {"run_id": run_id, "iterations": iterations,
          "checks": [dict(name=c.name, iteration=c.iteration, status=c.status, failure_mode=c.failure_mode,
@@ -668,8 +696,10 @@ def write(reg: Registry, run_id: str) -> tuple[list[dict], list[Check], Path]:
 
 
 def print_report(run_id: str, iterations: list[dict], checks: list[Check], console: Console | None = None,
-                 bootstrap: str | None = None) -> None:
+                 bootstrap: str | None = None, status: str | None = None) -> None:
     console = console or Console()
+    if status:
+        console.print(f"[bold red]{status}[/]", highlight=False, soft_wrap=True)
     if bootstrap:
         console.print(f"Iteration 0: {bootstrap}")
     if not iterations:

@@ -22,6 +22,7 @@ import logging
 import os
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
@@ -92,7 +93,9 @@ class TransformersBackend(GenerationBackend):
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     @torch.inference_mode()
-    def generate(self, prompts, params, *, seed, chat):
+    def generate(self, prompts, params, *, seed, chat, stop: Callable[[], bool] | None = None):
+        """As GenerationBackend.generate; `stop`, if given, is called after every new token, and once it returns True
+        generation ends there: the texts so far come back, those not ended by the end-of-turn token as "length"."""
         tok = self.tokenizer
         enc = tok([self._format(p, chat) for p in prompts], return_tensors="pt", padding=True, add_special_tokens=False)
         enc = enc.to(self.device)
@@ -109,6 +112,7 @@ class TransformersBackend(GenerationBackend):
                 num_return_sequences=params.n,
                 pad_token_id=tok.pad_token_id,
                 eos_token_id=tok.eos_token_id,
+                stopping_criteria=_stop_criteria(stop) if stop is not None else None,
             )
         new_tokens = out[:, enc["input_ids"].shape[1] :].tolist()
         results: list[list[Generation]] = []
@@ -176,6 +180,17 @@ class TransformersBackend(GenerationBackend):
                     probs[:, split] += first[:, space, None] * after[:, split_ids]
                 results += probs.cpu().tolist()
         return results
+
+
+def _stop_criteria(stop: Callable[[], bool]):
+    """A transformers StoppingCriteriaList that ends every sequence of the batch once `stop()` returns True."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class StopWhen(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), bool(stop()), dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([StopWhen()])
 
 
 class BackendError(RuntimeError):

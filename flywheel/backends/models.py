@@ -8,6 +8,7 @@ makes a small Llama-architecture model with random weights. Users' real models g
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -26,6 +27,13 @@ CHAT_TEMPLATE = (
     "{% else %}{{ m['content'] }}<|im_end|>{% endif %}\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+class ModelNotFoundError(ValueError):
+    """`load` was given a path that is no model folder (and no hub id)."""
 
 
 def apply_threads(threads: int | None) -> int:
@@ -90,7 +98,11 @@ def build_tiny_model(cfg: TinyModelConfig, tokenizer: PreTrainedTokenizerFast, s
 def load(path: str | Path, device: str = "cpu", train: bool = False):
     """(model, tokenizer) from a saved folder or a hub id, left padding, bfloat16 on CUDA. The one model loader.
     For generation (default): on `device`, eval mode. For training (`train=True`): left on the CPU in train mode,
-    since the Trainer (or DeepSpeed) places it, one device per process under `accelerate launch`."""
+    since the Trainer (or DeepSpeed) places it, one device per process under `accelerate launch`. A path that is
+    neither a folder nor shaped like a hub id (owner/name) is refused here, rather than sent to the hub. (A registered
+    model's path comes from `flywheel.registry.integrity.model_path`, which has checked its weights.)"""
+    if not Path(path).is_dir() and not _HUB_ID.fullmatch(str(path)):
+        raise ModelNotFoundError(f"model folder {path} does not exist (nor is it a hub id, owner/name)")
     tokenizer = AutoTokenizer.from_pretrained(str(path), padding_side="left")
     if tokenizer.pad_token is None:  # many base models ship without one
         tokenizer.pad_token = tokenizer.eos_token

@@ -25,7 +25,7 @@ from ..config import ConfigError, FlywheelConfig, load_config
 console = Console()
 
 # Modules in the order `flywheel --help` lists them.
-COMMANDS = ["run", "resume", "report", "datasets", "lineage", "schedule", "serve", "eval", "experiment"]
+COMMANDS = ["run", "resume", "report", "datasets", "verify", "lineage", "schedule", "serve", "eval", "experiment"]
 
 
 def add_config_args(p: argparse.ArgumentParser) -> None:
@@ -53,13 +53,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     # Prefect's temporary local API migrates its SQLite on first start: give it time on a busy 2-core machine.
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
+    from ..registry.store import RegistryDamagedError, RegistryLockedError, RegistrySchemaError
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (ConfigError, ValueError) as e:  # config, seed and template errors: a message, not a traceback
         console.print(f"[red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         return 2
+    except (RegistryLockedError, RegistrySchemaError, RegistryDamagedError) as e:  # each names its remedy
+        console.print(f"[red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+        return 1
 
 
 if __name__ == "__main__":

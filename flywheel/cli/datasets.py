@@ -25,16 +25,10 @@ def _say(text: str, markup: bool = True) -> None:
 
 @contextmanager
 def open_registry(root):
-    """The registry at `root`, or a clean error if there is none or another process holds it."""
-    from ..registry import Registry, RegistryLockedError
+    """The registry at `root`, read-only (`flywheel.registry.reader`: never stops a running flywheel)."""
+    from ..registry import reader
 
-    if not (root / "flywheel.duckdb").is_file():
-        raise ValueError(f"no registry at {root} (no {root / 'flywheel.duckdb'}); pass --registry DIR")
-    try:
-        reg = Registry(root)
-    except RegistryLockedError as e:
-        raise ValueError(str(e)) from None
-    with reg:
+    with reader(root) as reg:
         yield reg
 
 

@@ -13,19 +13,14 @@ from . import add_registry_arg, console
 def _report(args) -> int:
     from ..analysis import report
     from ..analysis.monitors import fired
-    from ..registry import Registry, RegistryLockedError, RegistrySchemaError
+    from ..registry import reader
 
-    if not (args.registry / "flywheel.duckdb").is_file():
-        raise ValueError(f"--registry: no registry at {args.registry} (no flywheel.duckdb there)")
-    try:
-        with Registry(args.registry) as reg:
-            run_id = report.resolve_run(reg, args.run_id)
-            iterations, checks, path = report.write(reg, run_id)
-            bootstrap = report.bootstrap_sentence(reg, run_id)
-    except (RegistryLockedError, RegistrySchemaError) as e:
-        console.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
-        return 2
-    report.print_report(run_id, iterations, checks, console, bootstrap)
+    with reader(args.registry) as reg:  # read-only, no lock: never stops a running flywheel
+        run_id = report.resolve_run(reg, args.run_id)
+        iterations, checks, path = report.write(reg, run_id)
+        bootstrap = report.bootstrap_sentence(reg, run_id)
+        status = report.status_sentence(reg, run_id)
+    report.print_report(run_id, iterations, checks, console, bootstrap, status)
     console.print(f"Report: {path}", soft_wrap=True)
     warnings = fired(checks)
     if args.strict and warnings:

@@ -70,9 +70,9 @@ def _describe(run: dict) -> str:
 def _list(root: Path) -> int:
     from rich.table import Table
 
-    from ..registry import Registry
+    from ..registry import reader
 
-    with Registry(root) as reg:
+    with reader(root) as reg:
         runs = runs_in(reg)
     table = Table(title=f"runs in {root}")
     for col in ("run", "started", "status"):
@@ -87,7 +87,7 @@ def _resume(args) -> int:
     from ..registry import Registry
     from ..registry.lock import RegistryBusyError, registry_lock
     from ..registry.runs import run_id_for
-    from .run import preflight, run_flywheel
+    from .run import run_flywheel
 
     root: Path = args.registry
     if not (root / "flywheel.duckdb").is_file():
@@ -108,8 +108,7 @@ def _resume(args) -> int:
                 console.print(f"[yellow]note:[/] this flywheel's config has fields the stored one lacked, so the run "
                               f"id is now {run_id_for(cfg)}; finished stages are still reused (stage keys are "
                               "content hashes)", soft_wrap=True)
-            preflight(cfg)
-            return run_flywheel(cfg)
+            return run_flywheel(cfg)  # checks the inputs (preflight) too
     except RegistryBusyError as e:
         console.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
         return 1

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
 
-from .store import RegistryLockedError, now
+from .base import RegistryLockedError, check_root, now
 
 LOCK_NAME = "flywheel.registry.lock"
 
@@ -118,7 +118,7 @@ def registry_lock(root: str | Path, run_id: str, command: str | None = None) -> 
     """Hold the registry's lock for the duration of the block; raise `RegistryBusyError` at once if another process
     holds it. `command` defaults to this process's command line."""
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
+    check_root(root)  # a root that is a file, or cannot be made: said as such
     path = lock_path(root)
     key = os.path.realpath(path)
     holder = LockHolder(pid=os.getpid(), host=socket.gethostname(), run_id=run_id,

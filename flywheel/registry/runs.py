@@ -8,6 +8,7 @@ already done are skipped.
 from __future__ import annotations
 
 from ..config import FlywheelConfig, content_hash
+from .integrity import model_on_disk
 from .store import Registry
 
 
@@ -31,7 +32,8 @@ def finished_iteration(reg: Registry, run_id: str, iteration: int) -> dict | Non
     iteration whole, without a flow or task run per stage (each stage would find itself done anyway)."""
     model_out = reg.scalar("SELECT model_out FROM iterations WHERE run_id = ? AND iteration = ? AND status = 'done'",
                            [run_id, iteration])
-    if model_out is None or reg.model(model_out) is None:
+    row = reg.model(model_out) if model_out is not None else None
+    if row is None or not model_on_disk(row, reg.root):  # a model folder gone: its iteration runs (and trains) again
         return None
     prompts = reg.scalar("SELECT stage_run_id FROM run_stages WHERE run_id = ? AND iteration = ? "
                          "AND stage = 'self_instruct'", [run_id, iteration])

@@ -14,16 +14,28 @@ skipped; one that says 'running' or 'failed' is resumed, and its per-item keys t
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
 import duckdb
 
-SCHEMA_VERSION = 2
+from .base import (
+    RegistryDamagedError,
+    RegistryLockedError,
+    RegistryMissingError,
+    RegistrySchemaError,
+    check_root,
+    now,
+)
+from .lock import is_locked, read_holder
+
+SCHEMA_VERSION = 3
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -89,7 +101,8 @@ CREATE TABLE IF NOT EXISTS models (
     ref_model_id  VARCHAR,                     -- the reference model of DPO/PPO/GRPO/RLOO (KL anchor)
     dataset_version VARCHAR,                   -- the dataset version it was trained on (dataset_versions)
     train_config  JSON,                        -- the trainer's own config section
-    created_at    TIMESTAMPTZ NOT NULL
+    created_at    TIMESTAMPTZ NOT NULL,
+    weights_sha256 VARCHAR                     -- hash of the weight files (flywheel/registry/integrity.py)
 );
 CREATE TABLE IF NOT EXISTS prompts (
     prompt_id     VARCHAR PRIMARY KEY,
@@ -193,19 +206,47 @@ CREATE TABLE IF NOT EXISTS dataset_versions (
     config_hash   VARCHAR NOT NULL,
     created_at    TIMESTAMPTZ NOT NULL
 );
+CREATE TABLE IF NOT EXISTS evals (               -- benchmark results of a model (`flywheel eval ifeval`)
+    eval_id       VARCHAR PRIMARY KEY,         -- <benchmark>-hash of (model fingerprint, data sha256, settings)
+    benchmark     VARCHAR NOT NULL,            -- ifeval
+    model_id      VARCHAR,                     -- the registered model, NULL for a folder given by path
+    model_name    VARCHAR,
+    model_spec    VARCHAR NOT NULL,            -- what --model said
+    model_path    VARCHAR NOT NULL,
+    model_fingerprint VARCHAR NOT NULL,        -- weights sha256 + tokenizer and chat template files
+    data_path     VARCHAR NOT NULL,
+    data_sha256   VARCHAR NOT NULL,
+    settings      JSON NOT NULL,               -- decoding, max_new_tokens, backend, checker library version
+    metrics       JSON NOT NULL,               -- prompt/instruction-level strict/loose accuracy, per instruction id
+    seconds       DOUBLE,
+    created_at    TIMESTAMPTZ NOT NULL
+);
+CREATE TABLE IF NOT EXISTS eval_items (          -- one row per prompt of an eval
+    eval_id       VARCHAR NOT NULL,
+    item_index    INTEGER NOT NULL,            -- line order in the data file
+    key           VARCHAR NOT NULL,            -- the record's key, as JSON
+    prompt        VARCHAR NOT NULL,
+    response      VARCHAR NOT NULL,
+    num_tokens    INTEGER NOT NULL,
+    finish_reason VARCHAR NOT NULL,            -- stop | length
+    instruction_ids VARCHAR[] NOT NULL,
+    kwargs        JSON NOT NULL,
+    follow_strict BOOLEAN[] NOT NULL,          -- per instruction
+    follow_loose  BOOLEAN[] NOT NULL,
+    all_strict    BOOLEAN NOT NULL,
+    all_loose     BOOLEAN NOT NULL,
+    errors        VARCHAR[],                   -- checkers that raised (counted as not followed)
+    PRIMARY KEY (eval_id, item_index)
+);
 """
 
 
-class RegistrySchemaError(RuntimeError):
-    """The registry file was written by a flywheel with another schema."""
+# How long an open waits while another process holds the file: the run process waits out readers (they hold it for
+# a query or a report), readers wait out the run's short writes. FLYWHEEL_REGISTRY_WAIT_S overrides both.
+WRITER_WAIT_S = 300.0
+READER_WAIT_S = 60.0
 
-
-def now() -> datetime:
-    return datetime.now(timezone.utc)
-
-
-class RegistryLockedError(RuntimeError):
-    """Another process holds the registry's DuckDB file."""
+log = logging.getLogger("flywheel")
 
 
 @dataclass
@@ -218,35 +259,107 @@ class StageRun:
 
 
 class Registry:
-    """A DuckDB connection to the registry file, plus the few helpers every stage uses."""
+    """The registry's DuckDB file, opened on demand, plus the few helpers every stage uses.
 
-    def __init__(self, root: str | Path):
+    DuckDB lets one process write a file, or several read it, never both. So the file is open only while it is used:
+    `reg.con` opens it when needed, and `reg.release()` closes it before long work (a batch of generation, a
+    training job), so readers get in between. An open that finds the file held waits for it (`wait_s`), with a
+    message saying who holds it. Readers pass `read_only=True`: they never write, never block one another, and never
+    take the run lock (flywheel/registry/lock.py)."""
+
+    def __init__(self, root: str | Path, read_only: bool = False, wait_s: float | None = None):
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.read_only = read_only
+        env = os.environ.get("FLYWHEEL_REGISTRY_WAIT_S")
+        self.wait_s = wait_s if wait_s is not None else float(env) if env else (
+            READER_WAIT_S if read_only else WRITER_WAIT_S)
         self.path = self.root / "flywheel.duckdb"
+        self._con: duckdb.DuckDBPyConnection | None = None
+        self._in_transaction = False
+        if read_only:
+            check_root(self.root, create=False)
+            if not self.path.is_file():
+                raise RegistryMissingError(f"no registry at {self.root} (no {self.path.name} there); pass --registry DIR")
+        else:
+            check_root(self.root)
+        self._connect()
+
+    # --- plumbing -------------------------------------------------------------------------------------------------
+    @property
+    def con(self) -> duckdb.DuckDBPyConnection:
+        """The open connection; opens the file (waiting for it if another process holds it) after a `release`."""
+        if self._con is None:
+            self._connect()
+        return self._con
+
+    def release(self) -> None:
+        """Close the file until the next use, so other processes can open it (before long work without it)."""
+        if self._con is not None and not self._in_transaction:
+            self._con.close()
+            self._con = None
+
+    def close(self) -> None:
+        self.release()
+
+    def _connect(self) -> None:
+        deadline, delay, told = time.monotonic() + self.wait_s, 0.05, False
+        while True:
+            try:
+                self._con = duckdb.connect(str(self.path), read_only=self.read_only)
+                break
+            except duckdb.ConnectionException as e:  # this process has the file open in another mode
+                if self.read_only and "different configuration" in str(e):
+                    self._con = duckdb.connect(str(self.path))  # read through this process's own connection
+                    break
+                raise
+            except duckdb.Error as e:
+                if not _held_elsewhere(e):
+                    raise damaged(self, e) from None
+                if time.monotonic() >= deadline:
+                    raise RegistryLockedError(
+                        f"the registry {self.path} is held by {holder_of(self.root, e)} and was not freed within "
+                        f"{self.wait_s:.0f} s; try again when it finishes (FLYWHEEL_REGISTRY_WAIT_S sets the wait)"
+                    ) from None
+                if not told:
+                    log.warning("registry %s is held by %s; waiting up to %.0f s", self.path,
+                                holder_of(self.root, e), self.wait_s)
+                    told = True
+                time.sleep(delay)
+                delay = min(delay * 2, 1.0)
         try:
-            self.con = duckdb.connect(str(self.path))
-        except duckdb.IOException as e:  # DuckDB allows one writing process per file
-            raise RegistryLockedError(
-                f"the registry {self.path} is in use by another process ({e}); wait for it to finish"
-            ) from None
-        self.con.execute(SCHEMA)
-        found = self.scalar("SELECT value FROM meta WHERE key = 'schema_version'")
-        if found is None:
-            if self.scalar("SELECT count(*) FROM runs"):
-                found = "1"  # written before the schema was versioned
-            else:
-                self.con.execute("INSERT INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
-                found = str(SCHEMA_VERSION)
+            self._check_schema()
+        except BaseException:
+            self.release()
+            raise
+
+    def _check_schema(self) -> None:
+        con = self._con
+        if self.read_only:
+            has_meta = con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'meta'"
+                                   ).fetchall()[0][0]
+            found = (con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchall() or [[None]])[0][0] \
+                if has_meta else None
+            if found in MIGRATIONS or found == str(SCHEMA_VERSION):
+                return  # an older registry reads fine; columns added since read as missing
+        else:
+            try:
+                con.execute(SCHEMA)
+            except duckdb.Error as e:
+                raise damaged(self, e) from None
+            found = (con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchall() or [[None]])[0][0]
+            if found is None:
+                found = "1" if con.execute("SELECT count(*) FROM runs").fetchall()[0][0] else str(SCHEMA_VERSION)
+                if found == str(SCHEMA_VERSION):
+                    con.execute("INSERT INTO meta VALUES ('schema_version', ?)", [found])
+            while found in MIGRATIONS:  # older versions this flywheel can bring forward in place
+                for statement in MIGRATIONS[found]:
+                    con.execute(statement)
+                found = str(int(found) + 1)
+                con.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", [found])
         if found != str(SCHEMA_VERSION):
-            self.con.close()
             raise RegistrySchemaError(
                 f"the registry {self.path} has schema version {found}, this flywheel writes version "
                 f"{SCHEMA_VERSION}; move {self.root} aside (or `make clean-registry`) and run again")
-
-    # --- plumbing -------------------------------------------------------------------------------------------------
-    def close(self) -> None:
-        self.con.close()
 
     def __enter__(self) -> "Registry":
         return self
@@ -256,13 +369,17 @@ class Registry:
 
     @contextmanager
     def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
-        self.con.execute("BEGIN TRANSACTION")
+        con = self.con
+        con.execute("BEGIN TRANSACTION")
+        self._in_transaction = True
         try:
-            yield self.con
+            yield con
         except BaseException:
-            self.con.execute("ROLLBACK")
+            con.execute("ROLLBACK")
             raise
-        self.con.execute("COMMIT")
+        finally:
+            self._in_transaction = False
+        con.execute("COMMIT")
 
     def rows(self, sql: str, params: list | tuple = ()) -> list[dict]:
         cur = self.con.execute(sql, params)
@@ -358,6 +475,52 @@ class Registry:
     def register_model(self, **row: Any) -> None:
         row.setdefault("created_at", now())
         self.insert("models", [row])
+
+
+def reader(root: str | Path) -> Registry:
+    """The registry opened for reading (`report`, `datasets`, `lineage`, `resume --list`, `eval`, `verify`): read-only,
+    without the run lock, so it never stops a run; it waits (READER_WAIT_S) while the run writes, and the run waits
+    for it in turn. Raises RegistryMissingError when `root` holds no registry."""
+    return Registry(root, read_only=True)
+
+
+# In-place upgrades from an older schema version: the statements that bring it to the next version.
+MIGRATIONS: dict[str, list[str]] = {
+    "2": ["ALTER TABLE models ADD COLUMN IF NOT EXISTS weights_sha256 VARCHAR"],
+}
+
+
+def _held_elsewhere(e: Exception) -> bool:
+    """Whether a failed open means another process holds the file (wait), not that the file is bad (say so)."""
+    return "Could not set lock" in str(e) or "Conflicting lock" in str(e)
+
+
+def holder_of(root: Path, e: Exception | None = None) -> str:
+    """Who holds the registry, in words: the run named in the run lock, else the process DuckDB names."""
+    holder = read_holder(root) if is_locked(root) else None
+    if holder is not None:
+        return holder.describe()
+    pid = re.search(r"PID (\d+)", str(e or ""))
+    return f"a reader (pid {pid.group(1)})" if pid else "another process"
+
+
+def damaged(reg: "Registry", e: Exception) -> RegistryDamagedError:
+    """The error for a registry file that opens badly: what is wrong, and the command that repairs or restores it."""
+    text, path = str(e), reg.path
+    if isinstance(e, PermissionError) or "Permission denied" in text or "read-only file system" in text.lower():
+        return RegistryDamagedError(
+            f"the registry {reg.root} is not writable by this user ({text.strip()}). Give it back write access "
+            f"(chmod -R u+w {reg.root}), run as its owner, or read it with a reader command (report, datasets, "
+            "lineage), which opens it read-only")
+    size = path.stat().st_size if path.exists() else -1
+    what = ("is empty (0 bytes)" if size == 0 else
+            "is truncated (shorter than its own header says)" if "read enough bytes" in text or "truncated" in text
+            else "is corrupt" if "Corrupt" in text or "checksum" in text or "not a valid DuckDB" in text
+            else "cannot be opened")
+    return RegistryDamagedError(
+        f"the registry file {path} {what}: {text.strip().splitlines()[0][:300]}. Move it aside and restore it "
+        f"from a backup: mv {path} {path}.damaged && cp BACKUP/flywheel.duckdb {path}. The frozen dataset versions "
+        f"under {reg.root / 'datasets'} and the models under {reg.root / 'models'} are untouched by this")
 
 
 def _to_db(value: Any) -> Any:

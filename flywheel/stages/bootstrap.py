@@ -14,8 +14,9 @@ from ..backends.bases import convert_gguf, resolve_base
 from ..backends.models import build_tiny_model, build_tokenizer, resolve_device, save_atomically
 from ..config import FlywheelConfig, content_hash
 from ..registry import Registry, now
+from ..registry.integrity import accept_model, reopen_if_missing, weights_sha256
 from ..registry.reads import seeds_from_registry
-from ..stage import StageResult, load_template, run_stage
+from ..stage import StageResult, load_template, run_stage, stage_run_id
 from ..training.common import loops
 from .seeds import RankedPrompt, load_seed_data, pretrain_corpus
 
@@ -79,9 +80,11 @@ def build_base(cfg: FlywheelConfig, run_id: str, seeds_sid: str) -> StageResult:
     def work(reg: Registry, sid: str) -> dict:
         metrics: dict = {}
         path = cfg.model.base if spec.path is None else str(spec.path)
+        seeds = seeds_from_registry(reg, seeds_sid) if tiny else []
+        reg.release()  # building or converting the base takes minutes without the registry: readers get in
         if tiny:
             t = cfg.model.tiny
-            corpus = pretrain_corpus(seeds_from_registry(reg, seeds_sid), templates, cfg.run.seed) + extra
+            corpus = pretrain_corpus(seeds, templates, cfg.run.seed) + extra
             tokenizer = build_tokenizer(corpus, t.vocab_size, split_digits=t.split_digits)
             model = build_tiny_model(t, tokenizer, cfg.run.seed)
             if t.pretrain_steps:
@@ -91,15 +94,27 @@ def build_base(cfg: FlywheelConfig, run_id: str, seeds_sid: str) -> StageResult:
             path = reg.model_dir(sid)
             save_atomically(model, tokenizer, path)
             metrics["parameters"] = sum(p.numel() for p in model.parameters())
+            sha = accept_model(path, metrics, what=f"PT (the tiny base, stage {sid})",
+                               hint=f"The learning rate is probably too high: lower model.tiny.pretrain_lr "
+                                    f"(now {t.pretrain_lr}).")
         elif spec.kind == "gguf":
             path = reg.model_dir(sid)
             metrics = convert_gguf(spec.path, path)
+            sha = accept_model(path, metrics, what=f"PT (converted from {spec.path}, stage {sid})",
+                               hint=f"The GGUF file itself holds them: check model.base ({cfg.model.base}).")
+        elif spec.kind == "folder":
+            sha = weights_sha256(path)  # the folder stays where it is: checked, not written to
+        else:
+            sha = None  # a hub id: nothing on this machine to hash
         if spec.sha256:
-            metrics["weights_sha256"] = spec.sha256
+            metrics["weights_sha256"] = spec.sha256  # of the source (the GGUF file, the folder): the stage's key
         reg.register_model(model_id=sid, run_id=run_id, name="PT", kind="base", iteration=0, parent_id=None,
-                           path=str(path), stage_run_id=sid, config_hash=cfg.config_hash(), metrics=metrics)
+                           path=str(path), stage_run_id=sid, config_hash=cfg.config_hash(), metrics=metrics,
+                           weights_sha256=sha)
         return {"model_id": sid, "path": str(path), **metrics}
 
+    with Registry(cfg.registry.root) as reg:  # a tiny or converted base whose folder has gone is built again
+        reopen_if_missing(reg, stage_run_id("base", inputs))
     return run_stage(cfg, "base", run_id, 0, None, inputs, work)
 
 

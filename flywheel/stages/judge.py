@@ -20,22 +20,32 @@ import json
 from dataclasses import dataclass
 
 from ..backends import GenerationBackend, SamplingParams
-from ..config import ConfigError, FlywheelConfig, JudgeConfig, content_hash
+from ..config import ConfigError, FlywheelConfig, JudgeConfig, check_template, content_hash
 from ..registry import Registry, now
-from ..stage import StageResult, backend_for, batch_seed, load_template, pending_batches, run_stage
+from ..stage import StageResult, backend_for, batch_seed, load_template, pending_batches, read_template, run_stage
 from .score_parser import parse_score
 
 PROB_PREFIX = "Score:"  # the reply's start in prob mode; the next token is the verdict
 SCORE_CHOICES = [str(i) for i in range(6)]
 MIN_PROB_MASS = 0.05  # below this much probability on "0".."5" after "Score:", the row has no score
+# What `fill` puts into the judge template, here and in M1's EFT examples (seeds.eft_examples, eft_from_rankings):
+# both are required, a judge that never sees the reply scores nothing.
+TEMPLATE_FIELDS = ("instruction", "response")
+
+
+def fill(template: str, instruction: str, response: str) -> str:
+    return template.format(instruction=instruction, response=response)
 
 
 def check_judge(cfg: FlywheelConfig) -> None:
-    """Fail before a run starts when the judge mode cannot run on the configured backend; loads nothing."""
+    """Fail before a run starts when the judge mode cannot run on the configured backend, or the judge template
+    cannot be filled (`check_template`: exactly {instruction} and {response}); reads the template, loads no model."""
     if cfg.judge.mode == "prob" and cfg.generate.backend != "transformers":
         raise ConfigError(f"judge.mode=prob needs next-token probabilities, which only generate.backend=transformers "
                           f"gives (got {cfg.generate.backend}): set generate.backend=transformers, or "
                           "judge.mode=sample")
+    path = cfg.judge.template
+    check_template(read_template(path, "judge.template"), "judge.template", path, TEMPLATE_FIELDS)
 
 
 def prob_verdict(probs: list[float]) -> tuple[float | None, str, str | None]:
@@ -76,7 +86,7 @@ def verdicts(backend: GenerationBackend, template: str, items: list[tuple[str, s
     """The judge's verdicts on (instruction, response) items, in one backend call: `template` filled with each, then
     `c.samples` sampled replies parsed by `parse_score` (with `seed`), or in `c.mode == "prob"` one forward pass and
     `prob_verdict`. The caller batches (`c.batch_size`) and picks the seed of each batch."""
-    texts = [template.format(instruction=x, response=y) for x, y in items]
+    texts = [fill(template, x, y) for x, y in items]
     if c.mode == "prob":
         found = [prob_verdict(p) for p in backend.choice_probs(texts, PROB_PREFIX, SCORE_CHOICES,
                                                                batch_size=c.batch_size)]

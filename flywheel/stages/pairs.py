@@ -72,8 +72,8 @@ WITH {SCORED_CTE}, bands AS (
     FROM scored s WINDOW p AS (PARTITION BY prompt_id)
 )
 SELECT prompt_id, ch.row_id AS chosen_row, ch.score AS chosen_score, ch.raw AS chosen_raw,
-       rj.row_id AS rejected_row, rj.score AS rejected_score, rj.raw AS rejected_raw
-FROM (SELECT prompt_id,
+       rj.row_id AS rejected_row, rj.score AS rejected_score, rj.raw AS rejected_raw, scored
+FROM (SELECT prompt_id, count(*) AS scored,
              arg_max({{'row_id': candidate_row, 'score': score, 'raw': raw}}, (shortness, score, candidate_id))
                  FILTER (WHERE score >= top_from) AS ch,
              arg_min({{'row_id': candidate_row, 'score': score, 'raw': raw}}, (shortness, score, candidate_id))
@@ -89,8 +89,8 @@ FROM (SELECT prompt_id,
 FAST_EXTREMES_SQL = """
 CREATE OR REPLACE TEMP TABLE pair_extremes AS
 SELECT prompt_id, chosen_row, chosen_score, json_object($signal, chosen_score) AS chosen_raw,
-       rejected_row, rejected_score, json_object($signal, rejected_score) AS rejected_raw
-FROM (SELECT c.prompt_id,
+       rejected_row, rejected_score, json_object($signal, rejected_score) AS rejected_raw, scored
+FROM (SELECT c.prompt_id, count(*) AS scored,
              arg_max(c.rowid, (v.value, c.candidate_id)) AS chosen_row, max(v.value) AS chosen_score,
              arg_min(c.rowid, (v.value, c.candidate_id)) AS rejected_row, min(v.value) AS rejected_score
       FROM ({values}) v JOIN candidates c USING (candidate_id) GROUP BY c.prompt_id)
@@ -166,6 +166,23 @@ def select_pairs(con: duckdb.DuckDBPyConnection, params: dict, table: str) -> No
     con.execute(INSERT_PAIRS_SQL.format(table=table), {k: params[k] for k in ("sid", "run_id", "config_hash")})
 
 
+def unpaired_prompts(reg: Registry, params: dict) -> dict[str, int]:
+    """Why the prompts that made no pair made none (read from pair_extremes, before it is dropped): no candidate
+    with every signal, one such candidate, best and worst tied, or apart by no more than `pairs.min_margin`."""
+    row = reg.rows(
+        """SELECT (SELECT count(DISTINCT prompt_id) FROM candidates WHERE candidate_id IN (
+                       SELECT candidate_id FROM judgments WHERE stage_run_id = $judge_sid
+                       UNION ALL SELECT candidate_id FROM rewards WHERE stage_run_id = $reward_sid))
+                  - count(*) AS no_scored_candidate,
+                  count(*) FILTER (WHERE scored = 1) AS one_scored_candidate,
+                  count(*) FILTER (WHERE scored > 1 AND chosen_score = rejected_score) AS tie,
+                  count(*) FILTER (WHERE scored > 1 AND chosen_score > rejected_score
+                                   AND chosen_score - rejected_score <= $min_margin) AS within_min_margin
+           FROM pair_extremes""",
+        {k: params[k] for k in ("judge_sid", "reward_sid", "min_margin")})[0]
+    return {k: int(v or 0) for k, v in row.items()}
+
+
 def build_pairs(cfg: FlywheelConfig, run_id: str, iteration: int, judge_sid: str,
                 reward_sid: str | None = None) -> StageResult:
     rho = cfg.pairs.rho_for(iteration)
@@ -183,6 +200,7 @@ def build_pairs(cfg: FlywheelConfig, run_id: str, iteration: int, judge_sid: str
             with reg.transaction() as con:
                 select_pairs(con, params, table)
             # the pairs just selected (the rows inserted, or those a crashed attempt had committed: the same)
+            unpaired = unpaired_prompts(reg, params)
             stats = reg.rows(
                 f"SELECT (SELECT count(*) FROM pair_extremes) AS prompts, count(*) AS pairs, "
                 f"avg(chosen_score - rejected_score) AS mean_margin, avg(chosen_longer::INT) AS chosen_longer, "
@@ -194,9 +212,7 @@ def build_pairs(cfg: FlywheelConfig, run_id: str, iteration: int, judge_sid: str
             raise
         finally:
             reg.con.execute("DROP TABLE IF EXISTS pair_extremes")
-        prompts = stats["prompts"]
-        return {"pairs": stats["pairs"], "prompts_scored": prompts,
-                "unpaired": prompts - stats["pairs"],  # best and worst tied, or within min_margin
+        return {"pairs": stats["pairs"], "prompts_scored": stats["prompts"], "unpaired": unpaired,
                 "mean_margin": round(stats["mean_margin"], 3) if stats["pairs"] else None,
                 "chosen_longer": round(stats["chosen_longer"], 3) if stats["pairs"] else None,
                 "signals": [w["signal"] for w in weights], "rho": rho}

@@ -17,6 +17,7 @@ from ..backends import release_backends
 from ..backends.models import load, resolve_device
 from ..config import FlywheelConfig, content_hash
 from ..registry import Registry, now
+from ..registry.integrity import model_path
 from ..signals import RewardError, check_same_tokenizer, coherent_rewards, make_rule
 from ..stage import StageResult, pending_batches, run_stage
 
@@ -40,7 +41,9 @@ def reward(cfg: FlywheelConfig, run_id: str, iteration: int, candidates_sid: str
         def loaded() -> dict:
             if not models:
                 release_backends()  # the generation model is not needed any more
-                (sft, tok_sft), (pt, tok_pt) = (load(reg.model(m)["path"], device) for m in (sft_model_id, pt_model_id))
+                paths = [model_path(reg, m) for m in (sft_model_id, pt_model_id)]  # present and unaltered
+                reg.release()  # loading needs no registry: readers get in meanwhile
+                (sft, tok_sft), (pt, tok_pt) = (load(path, device) for path in paths)
                 check_same_tokenizer(tok_sft, tok_pt)
                 models.update(sft=sft, pt=pt, tokenizer=tok_sft)
             return models

@@ -8,11 +8,15 @@ the caller stores and counts.
 Rules
 -----
 * A verdict is the keyword ``score`` (any case, optionally preceded by ``total``,
-  ``final`` or ``overall``) followed by a **colon**, then the value.
+  ``final`` or ``overall``) followed by a **colon** or ``=``, then the value.
   ``Score - 4``, ``Score 4``, ``score is 4`` and ``score of 4`` are not verdicts.
+* ``Points:`` and ``Rating:`` (FastChat's ``Rating: [[4]]``) are verdicts too, by the
+  same rules, but only in a text with no ``score`` verdict: a judge that writes
+  ``Points: 1`` per criterion and then ``Score: 3`` gave 3.
 * Markdown emphasis around the keyword or the value is allowed
-  (``**Score:** 4``, ``**Score: 4**``, ``Score: **4**``), and so is text after the
-  value or after the verdict line (``Score: 4.``, ``Score: 4 points``).
+  (``**Score:** 4``, ``**Score: 4**``, ``Score: **4**``), and so are square
+  brackets around the value (``[[4]]``, ``[4]``) and text after the value or after
+  the verdict line (``Score: 4.``, ``Score: 4 points``).
 * The keyword must not continue a phrase: if a letter or digit comes before it on
   the same line (``Relevance score: 1``, ``a score: 3``, ``my final score: 4``),
   it is prose, not the verdict. Punctuation or markup before it is fine.
@@ -43,10 +47,11 @@ _FENCE = re.compile(r"```.*?(?:```|\Z)", re.DOTALL)
 _QUOTE_LINE = re.compile(r"^[ \t]*>.*$", re.MULTILINE)
 _INLINE_QUOTE = re.compile(r'"[^"\n]*"|\u201c[^\u201d\n]*\u201d|`[^`\n]*`')
 
-# "[total|final|overall] score", optional emphasis, a colon, optional emphasis,
-# then the rest of the line as the candidate value.
+# "[total|final|overall] score|points|rating", optional emphasis, a colon or "=",
+# optional emphasis or "[", then the rest of the line as the candidate value.
 _VERDICT = re.compile(
-    r"(?<![A-Za-z0-9])(?:(?:total|final|overall)[ \t]+)?score[*_ \t]*:[*_ \t]*(?P<value>[^\n]*)",
+    r"(?<![A-Za-z0-9])(?:(?:total|final|overall)[ \t]+)?(?P<key>score|points|rating)[*_ \t]*[:=][*_ \t\[]*"
+    r"(?P<value>[^\n]*)",
     re.IGNORECASE,
 )
 # A letter or digit (plus spaces/markup) right before the keyword: it is prose.
@@ -81,14 +86,18 @@ def parse_score(text: str, *, min_score: float = 0.0, max_score: float = 5.0) ->
     text = _QUOTE_LINE.sub("", text)
     text = _INLINE_QUOTE.sub(" ", text)
 
-    values: list[float] = []  # every numeric verdict, in or out of range
-    bad_range = False  # some numeric verdict is out of range / has a wrong denominator
-    found = False  # some verdict keyword was seen at all
+    verdicts = []
     for m in _VERDICT.finditer(text):
         line_start = text.rfind("\n", 0, m.start()) + 1
-        if _WORD_BEFORE.search(text, line_start, m.start()):
-            continue  # "Relevance score: 1" and the like
-        found = True
+        if not _WORD_BEFORE.search(text, line_start, m.start()):  # "Relevance score: 1" and the like are prose
+            verdicts.append(m)
+    # "Points:" / "Rating:" count only where there is no "Score:" verdict
+    verdicts = [m for m in verdicts if m.group("key").lower() == "score"] or verdicts
+
+    values: list[float] = []  # every numeric verdict, in or out of range
+    bad_range = False  # some numeric verdict is out of range / has a wrong denominator
+    found = bool(verdicts)  # some verdict keyword was seen at all
+    for m in verdicts:
         num = _NUMBER.match(m.group("value"))
         if num is None:
             continue  # "Score: high": counts only if nothing else is found

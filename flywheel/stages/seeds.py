@@ -18,7 +18,8 @@ Formats (`seeds.format`; every one may be JSON Lines or a JSON array, optionally
 - `auto`: decided by the first record's keys (`messages`: chat; `message_tree_id` or a `prompt` object: oasst;
   `instances`: self_instruct; `instruction` and `output`: alpaca; other `instruction` records: flywheel), for a
   `.json`, `.jsonl` or `.ndjson` file, optionally `.gz`.
-A malformed record raises `SeedFormatError` naming `file:line` (JSON Lines) or `file[index]` (a JSON array).
+A malformed record raises `SeedFormatError` naming `file:line` (JSON Lines) or `file[index]` (a JSON array), and so
+does, with `max_chars` (`seeds.max_chars`, checked by the run's preflight), a prompt or reply longer than that.
 
 From the seeds we make M1's training data, as the paper does (IFT + EFT):
 - IFT: (instruction -> response) chat examples.
@@ -79,6 +80,7 @@ class SeedData:
     ift: list[Seed]
     ranked: list[RankedPrompt] = field(default_factory=list)
     skipped: dict[str, int] = field(default_factory=dict)  # reason -> records that gave no IFT seed
+    unranked: int = 0  # oasst trees with no human-ranked reply: not in `ranked` (judge evaluation cannot use them)
 
 
 # --- reading records -------------------------------------------------------------------------------------------------
@@ -244,8 +246,19 @@ def detect_format(path: Path, where: str, first: Any) -> str:
                           "'instruction'+'output' (alpaca) or 'messages' (chat); set seeds.format")
 
 
-def load_seed_data(path: str | Path, format: str = "auto") -> SeedData:
-    """Parse a seed file into IFT seeds and human-ranked replies; SeedFormatError names the bad record."""
+def _check_length(where: str, seeds: list[Seed], ranked: RankedPrompt | None, max_chars: int) -> None:
+    texts = [("prompt", s.instruction) for s in seeds] + [("reply", s.response) for s in seeds]
+    if ranked is not None:
+        texts += [("prompt", ranked.instruction)] + [("reply", r.text) for r in ranked.replies]
+    for what, text in texts:
+        if len(text) > max_chars:
+            raise SeedFormatError(f"{where}: a seed {what} of {len(text):,} characters, over seeds.max_chars "
+                                  f"({max_chars:,}): shorten or drop the record, or raise seeds.max_chars")
+
+
+def load_seed_data(path: str | Path, format: str = "auto", max_chars: int | None = None) -> SeedData:
+    """Parse a seed file into IFT seeds and human-ranked replies; SeedFormatError names the bad record, and (with
+    `max_chars`) a record whose prompt or a reply is longer than that."""
     path = Path(path)
     if not path.is_file():
         raise SeedFormatError(f"seed file not found: {path}")
@@ -260,9 +273,13 @@ def load_seed_data(path: str | Path, format: str = "auto") -> SeedData:
     data = SeedData(path, format, [])
     for where, label, obj in records:
         seeds, ranked, skip = parse(where, _object(where, obj), label)
+        if max_chars is not None:
+            _check_length(where, seeds, ranked, max_chars)
         data.ift.extend(seeds)
         if ranked is not None:
             data.ranked.append(ranked)
+        elif format == "oasst":
+            data.unranked += 1
         if skip:
             data.skipped[skip] = data.skipped.get(skip, 0) + 1
     if not data.ift:
@@ -311,7 +328,7 @@ def eft_examples(seeds: list[Seed], judge_template: str, seed: int, verdict_only
         if others:
             replies.append((rng.choice(others).response, 0))
         for reply, points in replies:
-            prompt = judge_template.format(instruction=s.instruction, response=reply)
+            prompt = judge_template.format(instruction=s.instruction, response=reply)  # judge.TEMPLATE_FIELDS
             out.append({"prompt": prompt, "completion": judge_target(points, verdict_only)})
     return out
 

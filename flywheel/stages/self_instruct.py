@@ -23,23 +23,29 @@ Attempts are made in fixed batches in order, each batch with its own seed, so a 
 a killed one stopped.
 
 With `self_instruct.prompts_file` set, the prompts come from that file instead (`prompts_from_file`): a pool of
-unlabeled prompts, as Meta-Rewarding and SPPO use, or a task's generator (`flywheel/analysis/miniworld.py`).
+unlabeled prompts, as Meta-Rewarding and SPPO use, or a task's generator (`flywheel/analysis/miniworld.py`). A prompt
+repeated in the file counts once (`distinct_prompts`, with a warning); the run's preflight (`check_self_instruct`)
+refuses a file whose distinct prompts, less those the seeds already hold, are fewer than `num_prompts` x the
+iterations that draw from it.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import random
 import re
 from pathlib import Path
 
 from ..backends import SamplingParams
-from ..config import FlywheelConfig, SelfInstructConfig, content_hash
+from ..config import ConfigError, FlywheelConfig, SelfInstructConfig, check_template, content_hash
 from ..registry import Registry, now
-from ..stage import StageResult, backend_for, batch_seed, load_template, pending_batches, run_stage
+from ..stage import StageResult, backend_for, batch_seed, load_template, pending_batches, read_template, run_stage
 from .dedup import NearDuplicateIndex, rouge_l  # noqa: F401  (rouge_l: re-exported for callers and tests)
 
+log = logging.getLogger("flywheel")
 _WORD = re.compile(r"[a-z0-9]+")
+TEMPLATE_FIELDS = ("examples",)  # what `self_instruct` fills into `template` / `chat_template` (format_examples)
 
 
 def words(text: str) -> list[str]:
@@ -233,6 +239,46 @@ def read_prompts_file(path) -> list[dict]:
     return rows
 
 
+def distinct_prompts(rows: list[dict], path) -> list[dict]:
+    """`rows` with each prompt once (its first row), logging a warning that counts the repeats and shows one. A
+    prompt given two different references is refused: which answer a rule reward checks would be a guess."""
+    first: dict[str, dict] = {}
+    repeated: list[str] = []
+    for r in rows:
+        kept = first.setdefault(r["prompt"], r)
+        if kept is not r:
+            repeated.append(r["prompt"])
+            if kept["reference"] != r["reference"]:
+                raise ValueError(f"self_instruct.prompts_file: {path}: the prompt {r['prompt'][:80]!r} is given two "
+                                 f"references ({kept['reference']!r} and {r['reference']!r}); keep one")
+    if repeated:
+        log.warning("self_instruct.prompts_file: %s: %d repeated prompt(s) counted once (%d distinct of %d), e.g. %r",
+                    path, len(repeated), len(first), len(rows), repeated[0][:80])
+    return list(first.values())
+
+
+def check_self_instruct(cfg: FlywheelConfig, seed_prompts: set[str], rounds: int) -> None:
+    """Before a run whose `rounds` iterations run self-instruct: the template the stage fills must hold exactly
+    {examples}; a prompts file must hold enough distinct prompts the seeds do not (`seed_prompts`) for
+    `num_prompts` per round, since each is used once per run. Reads files, loads no model."""
+    c = cfg.self_instruct
+    if not rounds:
+        return
+    if c.prompts_file is None:
+        setting = "self_instruct.chat_template" if resolved_mode(cfg) == "chat" else "self_instruct.template"
+        path = c.chat_template if resolved_mode(cfg) == "chat" else c.template
+        check_template(read_template(path, setting), setting, path, TEMPLATE_FIELDS)
+        return
+    pool = distinct_prompts(read_prompts_file(c.prompts_file), c.prompts_file)
+    available = sum(r["prompt"] not in seed_prompts for r in pool)
+    need = c.num_prompts * rounds
+    if available < need:
+        raise ConfigError(f"self_instruct.prompts_file: {c.prompts_file} has {available} distinct prompts the seeds "
+                          f"do not hold, and the run needs {need} (self_instruct.num_prompts={c.num_prompts} x "
+                          f"{rounds} iteration(s), none used twice): add prompts, or lower self_instruct.num_prompts "
+                          "or run.iterations")
+
+
 def prompts_from_file(cfg: FlywheelConfig, run_id: str, iteration: int, seeds_sid: str,
                       earlier_sids: list[str]) -> StageResult:
     """The iteration's prompts drawn from a file instead of written by the model: `num_prompts` of them, at random
@@ -246,7 +292,7 @@ def prompts_from_file(cfg: FlywheelConfig, run_id: str, iteration: int, seeds_si
     def work(reg: Registry, sid: str) -> dict:
         used = {r["text"] for r in reg.rows("SELECT text FROM prompts WHERE stage_run_id IN (SELECT unnest(?))",
                                              [[seeds_sid, *earlier_sids]])}
-        fresh = list({r["prompt"]: r for r in pool if r["prompt"] not in used}.values())
+        fresh = [r for r in distinct_prompts(pool, c.prompts_file) if r["prompt"] not in used]
         picked = random.Random(content_hash([sid, cfg.run.seed])).sample(fresh, min(c.num_prompts, len(fresh)))
         reg.insert("prompts", [dict(prompt_id=f"p-{content_hash([sid, i])}", run_id=run_id, iteration=iteration,
                                     source="file", text=r["prompt"], reference=r["reference"], seed_id=None,
@@ -314,7 +360,7 @@ def self_instruct(cfg: FlywheelConfig, run_id: str, iteration: int, model_id: st
                                                 c.batch_size, ids_of, f"self-instruct (iteration {iteration})"):
             pool = sorted(generated, key=lambda r: r["prompt_id"])  # the same order after a resume
             shots = [few_shot(seeds, pool, c, [sid, i, "shots"]) for i in attempts]
-            texts = [template.format(examples=format_examples(s, mode)) for s in shots]
+            texts = [template.format(examples=format_examples(s, mode)) for s in shots]  # TEMPLATE_FIELDS
             outs = backend_for(cfg, reg, model_id).generate(texts, params, seed=batch_seed(sid, b, cfg.run.seed),
                                                             chat=mode == "chat")
             rows = []

@@ -12,10 +12,13 @@ the final metrics.
 
 from __future__ import annotations
 
+import json
+
 from ..backends.models import load, resolve_device
 from ..config import FlywheelConfig
 from ..registry import Registry
 from ..registry.datasets import read_version, stage_version
+from ..registry.integrity import model_path
 from ..stage import IterationState, StageContext, StageResult
 from .common import loops, train_stage
 from .job import NoTrainingDataError, Trainer, TrainJob
@@ -46,10 +49,14 @@ def train_dpo(ctx: StageContext, state: IterationState) -> StageResult:
         rows = read_version(reg, version).to_pylist()
         training_pairs = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows]
         if not training_pairs:
-            raise NoTrainingDataError(f"iteration {ctx.iteration} produced no preference pairs (all prompts tied or "
-                                      "unscored); see the judge stage's parse failures and the pairs stage's ties")
-        ref_path = reg.model(ref_model_id)["path"] if ref_model_id != model_id else None  # None: TRL copies M_t
-        job = TrainJob("dpo", reg.model(model_id)["path"], str(reg.model_dir(sid)), training_pairs, ref_path=ref_path)
+            stats = json.loads(reg.scalar("SELECT stats FROM stage_runs WHERE stage_run_id = ?", [state.pairs]) or "{}")
+            why = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in (stats.get("unpaired") or {}).items() if v)
+            raise NoTrainingDataError(
+                f"iteration {ctx.iteration} produced no preference pairs (prompts without a pair: {why or 'none'}). "
+                "More candidates (generate.n), more judge samples (judge.samples), a judge template the model can "
+                "answer, or a lower pairs.min_margin make pairs; `flywheel report` shows the judge's parse failures")
+        ref_path = model_path(reg, ref_model_id) if ref_model_id != model_id else None  # None: TRL copies M_t
+        job = TrainJob("dpo", model_path(reg, model_id), str(reg.model_dir(sid)), training_pairs, ref_path=ref_path)
         return job, {"ref_model_id": ref_model_id, "dataset_version": version,
                      "stats": {"pairs": len(training_pairs)}}
 

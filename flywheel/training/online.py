@@ -12,6 +12,7 @@ from __future__ import annotations
 from ..config import ConfigError, FlywheelConfig, OnlineRLConfig
 from ..registry import Registry
 from ..registry.datasets import DatasetError, stage_version
+from ..registry.integrity import model_path
 from ..registry.reads import kept_prompts
 from ..signals import online_signals, reward_functions, reward_weights
 from ..stage import IterationState, StageContext, StageResult
@@ -38,8 +39,8 @@ def online_stage(trainer: Trainer, ctx: StageContext, state: IterationState) -> 
             raise NoTrainingDataError(f"{name} (iteration {ctx.iteration}): stage run {state.prompts} kept no prompts")
         paths = {}
         if coherent:
-            paths = {"sft_path": reg.model(state.m1)["path"], "pt_path": reg.model(state.pt)["path"]}
-        job = TrainJob(name, reg.model(model_id)["path"], str(reg.model_dir(sid)),
+            paths = {"sft_path": model_path(reg, state.m1), "pt_path": model_path(reg, state.pt)}
+        job = TrainJob(name, model_path(reg, model_id), str(reg.model_dir(sid)),
                        [{"prompt": r["prompt"], "reference": r["reference"]} for r in rows], **paths)
         return job, {"ref_model_id": model_id if c.beta else None,  # TRL's KL anchor: the starting policy
                      "dataset_version": prompts_version(reg, state.prompts),

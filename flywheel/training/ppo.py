@@ -35,6 +35,7 @@ from .. import timing
 from ..backends.models import save_atomically
 from ..config import FlywheelConfig, PPOConfig
 from ..registry import Registry
+from ..registry.integrity import model_path
 from ..registry.reads import kept_prompts
 from ..signals import chat_prompt, check_same_tokenizer, coherent_rewards, pad, pad_id_of
 from ..stage import IterationState, StageContext, StageResult
@@ -219,9 +220,9 @@ def train_ppo(ctx: StageContext, state: IterationState) -> StageResult:
         if not rows:
             raise NoTrainingDataError(f"PPO (iteration {ctx.iteration}): the prompt stage {state.prompts} kept no "
                                       "prompts")
-        job = TrainJob("ppo", reg.model(model_id)["path"], str(reg.model_dir(sid)),
-                       [{"prompt": r["prompt"]} for r in rows], sft_path=reg.model(state.m1)["path"],
-                       pt_path=reg.model(state.pt)["path"])
+        job = TrainJob("ppo", model_path(reg, model_id), str(reg.model_dir(sid)),
+                       [{"prompt": r["prompt"]} for r in rows], sft_path=model_path(reg, state.m1),
+                       pt_path=model_path(reg, state.pt))
         return job, {"ref_model_id": state.m1, "stats": {"prompts": len(rows)}}
 
     return train_stage(ctx, TRAINER, model_id, inputs, make_job)

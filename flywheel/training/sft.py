@@ -16,6 +16,7 @@ from collections import Counter
 from ..backends.models import resolve_device
 from ..config import FlywheelConfig, LoraConfig, content_hash
 from ..registry import Registry
+from ..registry.integrity import model_path
 from ..registry.reads import ranked_from_registry, seeds_from_registry
 from ..stage import IterationState, StageContext, StageResult, load_template
 from ..stages.score_parser import parse_score
@@ -74,7 +75,7 @@ def train_m1(ctx: StageContext, state: IterationState) -> StageResult:
                                         verdict_only=verdict_only)
         settings = {"epochs": s.epochs, "lr": s.learning_rate, "batch_size": s.batch_size, "max_length": s.max_length,
                     "micro_batch_size": s.micro_batch_size, "lora": lora.model_dump(mode="json")}
-        job = TrainJob("sft", reg.model(state.pt)["path"], str(reg.model_dir(sid)), examples, settings=settings)
+        job = TrainJob("sft", model_path(reg, state.pt), str(reg.model_dir(sid)), examples, settings=settings)
         return job, {"dataset_version": f"sft-{content_hash(examples)}", "stats": counts}
 
     return train_stage(ctx, M1_SFT, state.pt, inputs, make_job)
@@ -113,7 +114,7 @@ def train_baseline(ctx: StageContext, state: IterationState) -> StageResult:
         rows = [examples[order[i % len(order)]] for i in range(budget)] if examples else []
         settings = {"epochs": 1, "lr": baseline_learning_rate(cfg), "batch_size": cfg.dpo.batch_size,
                     "max_length": cfg.sft.max_length}
-        job = TrainJob("sft", reg.model(model_id)["path"], str(reg.model_dir(sid)), rows, settings=settings)
+        job = TrainJob("sft", model_path(reg, model_id), str(reg.model_dir(sid)), rows, settings=settings)
         return job, {"dataset_version": f"sft-{content_hash(rows)}",
                      "stats": {"examples": len(rows), "seed_examples": len(examples), "ift": counts["ift"],
                                "eft": counts["eft"]}}
@@ -158,7 +159,7 @@ def train_rs_sft(ctx: StageContext, state: IterationState) -> StageResult:
         rows = [{"prompt_id": r["prompt_id"], "candidate_id": r["candidate_id"], "score": float(r["score"]),
                  "prompt": r["prompt"], "completion": r["text"]} for r in kept]
         settings = {"epochs": c.epochs, "lr": c.learning_rate, "batch_size": c.batch_size, "max_length": c.max_length}
-        job = TrainJob("rs-sft", reg.model(model_id)["path"], str(reg.model_dir(sid)),
+        job = TrainJob("rs-sft", model_path(reg, model_id), str(reg.model_dir(sid)),
                        [{"prompt": r["prompt"], "completion": r["completion"]} for r in rows], settings=settings)
         return job, {"dataset_version": f"rs-sft-{content_hash(rows)}",
                      "stats": {"examples": len(rows), "prompts_scored": len({r["prompt_id"] for r in scored}),
