@@ -230,3 +230,33 @@ def test_content_hash_does_not_depend_on_how_the_file_is_read(two_runs, monkeypa
         assert file_content_sha256(path) == whole and whole[1] == 24
         rows = read_version(reg, vid).column("judgment_id").to_pylist()
         assert rows == sorted(rows)
+
+
+def test_what_a_killed_writer_left_is_swept_by_the_next(tmp_path):
+    """A kill between writing a temp file and renaming it leaves `.tmp-...-<pid>`; the next writer of the same
+    dataset (or model folder) removes it (a temp file of a process still alive is left alone)."""
+    import subprocess
+    import sys
+
+    from flywheel.backends.models import save_atomically
+    from flywheel.registry.datasets import freeze_dataset
+    from tests.helpers.models import seed_tokenizer, tiny_model
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    run = build_flywheel(tmp_path)
+    sid = run["generate:1"].stage_run_id
+    folder = tmp_path / "datasets" / "candidates"
+    left = folder / f".tmp-{sid}-{dead}.parquet"
+    left.write_bytes(b"half a file")
+    with Registry(tmp_path) as reg:
+        freeze_dataset(reg, "candidates", sid, run_id="run-a", iteration=1, derived_from=[], config_hash="h")
+    assert not left.exists()
+    assert not list(folder.glob(".tmp-*"))
+
+    models = tmp_path / "models"
+    stale = models / f".m.tmp-{dead}"
+    stale.mkdir(parents=True)
+    tok = seed_tokenizer()
+    save_atomically(tiny_model(tok), tok, models / "m")
+    assert (models / "m" / "config.json").is_file() and not stale.exists()

@@ -17,6 +17,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from ..config import TinyModelConfig
+from ..registry.base import dead_leftovers
 
 SPECIAL_TOKENS = ["<|pad|>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
@@ -118,8 +119,9 @@ def save_atomically(model, tokenizer, final_dir: Path) -> None:
     final_dir = Path(final_dir)
     final_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = final_dir.with_name(f".{final_dir.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    for left in [tmp, *dead_leftovers(final_dir.parent, f".{final_dir.name}.tmp-*")]:  # a killed earlier attempt's
+        if left.exists():
+            shutil.rmtree(left)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     if final_dir.exists():  # left by a run killed between rename and registration: same key, same content

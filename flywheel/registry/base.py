@@ -1,8 +1,9 @@
-"""What the registry's store (store.py) and its run lock (lock.py) share: the errors of opening a registry, the root
-check and the clock."""
+"""What the registry's store (store.py), its run lock (lock.py) and the writers of its files share: the errors of
+opening a registry, the root check, the clock, and finding what a killed writer left."""
 
 from __future__ import annotations
 
+import os
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -38,3 +39,18 @@ def check_root(root: Path, create: bool = True) -> None:
             root.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise RegistryDamagedError(f"cannot create the registry folder {root}: {e.strerror}") from None
+
+
+def dead_leftovers(folder: Path, pattern: str) -> list[Path]:
+    """Temp files or folders named `<...>-<pid>` under `folder` whose process is gone: what a killed attempt left."""
+    found = []
+    for path in Path(folder).glob(pattern):
+        pid = path.name.split("-")[-1].split(".")[0]
+        if pid.isdigit():
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                found.append(path)
+            except PermissionError:  # alive, another user's
+                pass
+    return found

@@ -38,6 +38,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..config import content_hash
+from .base import dead_leftovers
 from .store import Registry, now
 
 # Which datasets each stage produces (stages not listed, such as base, sft and the trainers, produce none).
@@ -196,6 +197,8 @@ def freeze_dataset(reg: Registry, name: str, stage_run_id: str, *, run_id: str, 
     folder = reg.root / "datasets" / name
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f".tmp-{stage_run_id}-{os.getpid()}.parquet"
+    for left in dead_leftovers(folder, f".tmp-{stage_run_id}-*.parquet"):  # a killed earlier attempt's
+        left.unlink()
     try:
         if rows is None:
             source, params, hash_as_written = DATASET_SQL[name], {"sid": stage_run_id}, False

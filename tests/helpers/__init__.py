@@ -5,6 +5,8 @@
 - `registry`: hand-written registry rows (prompt, candidate, judgment rows with defaults; a fast Arrow insert; ledger
   rows) and `build_run`, a whole run written row by row so every figure the report and monitors count is known.
 - `staged`: `build_flywheel`, a run filled stage by stage through the real `run_stage` (dataset versions, lineage).
+- `compare`: two registries compared table by table, weight by weight and version by version (the kill tests and
+  bench/kill_harness.py), and the temp files a killed writer left.
 """
 
 from pathlib import Path
