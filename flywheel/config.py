@@ -266,6 +266,9 @@ class VLLMBackendConfig(_Section):
 class GenerateConfig(SamplingSection):
     backend: Literal["transformers", "vllm", "openai"] = "transformers"
     n: int = Field(4, ge=2, le=MAX_N, description="Candidates per prompt (paper: 4).")
+    anchor_n: int | None = Field(
+        None, ge=1, le=MAX_N, description="With `pairs.anchor: m1`: candidates per prompt sampled from the anchor "
+                                          "model (M1) besides M_t's n, the rejected side of the pairs. Default: n.")
     openai: OpenAIBackendConfig = OpenAIBackendConfig()
     vllm: VLLMBackendConfig = VLLMBackendConfig()
 
@@ -279,10 +282,19 @@ class GenerateConfig(SamplingSection):
 
 class JudgeConfig(SamplingSection):
     template: ShippedPath = REPO / "prompts/judge.txt"
-    mode: Literal["sample", "prob"] = Field(
+    mode: Literal["sample", "prob", "verify"] = Field(
         "sample", description="'sample': the paper's way, `samples` sampled verdicts parsed and averaged. 'prob': one "
                               "forward pass per candidate, the expected score over 0-5 from the next-token "
-                              "probabilities after 'Score:' (transformers backend).")
+                              "probabilities after 'Score:' (transformers backend). 'verify': one yes/no question "
+                              "per requirement of the prompt (`checklist`, `verify_template`), the score 5 x the mean "
+                              "P(yes) (transformers backend).")
+    verify_template: ShippedPath = Field(
+        REPO / "prompts/verify.txt",
+        description="verify mode: the yes/no question, with {instruction}, {response} and {requirement}.")
+    checklist: str | None = Field(
+        None, description="verify mode: 'module:function' taking (prompt, reference) and returning the prompt's "
+                          "requirement texts (e.g. flywheel.analysis.ifworld:checklist); none: one generic "
+                          "requirement.")
     samples: int = Field(3, ge=1, le=MAX_JUDGE_SAMPLES, description="Judge samples per candidate, averaged (paper: 3).")
 
     @model_validator(mode="after")
@@ -330,6 +342,11 @@ class PairsConfig(_Section):
     min_margin: float = Field(0.0, ge=0, description="Keep a pair only if chosen - rejected > min_margin (ties always dropped).")
     rho: float | list[float] = Field(
         0.0, description="Length control (Meta-Rewarding): 0 is plain best/worst; a list gives one value per iteration.")
+    anchor: Literal["none", "m1"] = Field(
+        "none", description="Temporal anchoring (Temporal Self-Rewarding's anchored rejection): 'm1' takes the "
+                            "rejected answer from candidates of the past model M1 (generate.anchor_n per prompt) and "
+                            "the chosen from M_t's, so chosen and rejected do not converge over iterations. Applies "
+                            "from iteration 2 (in iteration 1 M_t is M1) when the iteration's trainer trains on pairs.")
 
     @field_validator("rho")
     @classmethod

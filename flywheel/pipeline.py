@@ -37,17 +37,27 @@ BOOTSTRAP = (SEEDS, BASE, M1)
 SELF_INSTRUCT = Step("self_instruct", ("model", "seeds", "earlier_prompts"), "prompts",
                      lambda ctx, s: self_instruct.self_instruct(ctx.cfg, ctx.run_id, ctx.iteration, s.model, s.seeds,
                                                                 list(s.earlier_prompts)))
-GENERATE = Step("generate", ("model", "prompts"), "candidates",
-                lambda ctx, s: generate.generate(ctx.cfg, ctx.run_id, ctx.iteration, s.model, s.prompts))
+GENERATE = Step("generate", ("model", "prompts", "m1"), "candidates",
+                lambda ctx, s: generate.generate(ctx.cfg, ctx.run_id, ctx.iteration, s.model, s.prompts,
+                                                 anchor_model(ctx, s)))
 JUDGE = Step("judge", ("model", "candidates"), "judgments",
              lambda ctx, s: judge.judge(ctx.cfg, ctx.run_id, ctx.iteration, s.model, s.candidates),
              when=lambda cfg: "judge" in cfg.reward.weights)  # a weight of 0 keeps the judge for the report's monitors
 REWARD = Step("reward", ("candidates", "m1", "pt"), "rewards",
               lambda ctx, s: reward.reward(ctx.cfg, ctx.run_id, ctx.iteration, s.candidates, s.m1, s.pt),
               when=lambda cfg: bool(cfg.reward.coherent or cfg.reward.rules))
-PAIRS = Step("pairs", ("judgments", "rewards"), "pairs",
-             lambda ctx, s: pairs.build_pairs(ctx.cfg, ctx.run_id, ctx.iteration, s.judgments, s.rewards))
+PAIRS = Step("pairs", ("judgments", "rewards", "model", "m1"), "pairs",
+             lambda ctx, s: pairs.build_pairs(ctx.cfg, ctx.run_id, ctx.iteration, s.judgments, s.rewards,
+                                              anchor_model(ctx, s)))
 DATA_STEPS = (SELF_INSTRUCT, GENERATE, JUDGE, REWARD, PAIRS)
+
+
+def anchor_model(ctx: StageContext, s: IterationState) -> str | None:
+    """Temporal anchoring's past model (`pairs.anchor: m1`), whose candidates GENERATE adds and PAIRS rejects; None
+    when it is off, when M_t is M1 (iteration 1: the usual pairs) or when the trainer does not train on pairs (RS-SFT's
+    best of N must not pick M1's candidates)."""
+    trains_on_pairs = "pairs" in TRAINERS[ctx.cfg.train.trainer_for(ctx.iteration)].consumes
+    return s.m1 if ctx.cfg.pairs.anchor == "m1" and s.m1 != s.model and trains_on_pairs else None
 
 
 def train_step(trainer: Trainer) -> Step:

@@ -38,7 +38,7 @@ def test_every_variant_scores_m1_and_m2_or_records_why_it_stopped(smoke):
         (v, m) for v in exp.variants for m in ("M1", "M2") if m == "M1" or v not in stopped)
     assert all(f"{v} (run" in (root / "experiments" / exp.name / "results.md").read_text() for v in stopped)
     for r in rows:
-        assert 0 <= r["exact_match"] <= 1 and r["test_problems"] == exp.world.test
+        assert 0 <= r["accuracy"] <= 1 and r["test_problems"] == exp.sizes.test
         assert 0 <= r["judge_agreement"] <= 1 and r["judge_problems"] == exp.eval.judge_problems
     # PT and M1 are built once per seed and shared by every variant
     assert len({r["model_id"] for r in rows if r["model"] == "M1"}) == 1
@@ -61,7 +61,7 @@ def test_exact_match_is_recomputed_from_the_models_answers(smoke):
     backend = make_backend(GenerateConfig(), path, "cpu")
     outs = backend.generate([t["prompt"] for t in test], SamplingParams(n=1, temperature=0, max_new_tokens=8),
                             seed=0, chat=True)
-    assert m1["exact_match"] == sum(is_correct(o[0].text, t["reference"]) for o, t in zip(outs, test)) / len(test)
+    assert m1["accuracy"] == sum(is_correct(o[0].text, t["reference"]) for o, t in zip(outs, test)) / len(test)
 
 
 def test_each_variant_runs_the_stages_its_signals_need(smoke):

@@ -150,12 +150,11 @@ def judge_ranked(cfg: FlywheelConfig, ranked: list[RankedPrompt], model_path: st
     from ..backends import make_backend
     from ..backends.models import resolve_device
     from ..progress import progress
-    from ..stage import read_template
-    from ..stages.judge import check_judge, verdicts
+    from ..stages.judge import check_judge, read_judge_template, verdicts
 
     check_judge(cfg)
     c = cfg.judge
-    template = read_template(c.template, "judge.template")
+    template = read_judge_template(c)  # judge.template, or judge.verify_template in verify mode
     out: list[JudgedReply] = []
     todo: list[tuple[JudgedReply, tuple[str, str]]] = []  # (reply, (instruction, reply text)) for each ranked reply
     for key, p in zip(prompt_keys(ranked), ranked):

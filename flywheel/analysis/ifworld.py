@@ -556,6 +556,13 @@ def all_followed(prompt: str, response: str, reference: str | dict | None) -> fl
     return float(fraction_followed(prompt, response, reference) == 1.0)
 
 
+def checklist(prompt: str, reference: str | dict | None) -> list[str]:
+    """The judge's checklist in verify mode (`judge.checklist: flywheel.analysis.ifworld:checklist`): one requirement
+    per instruction in the reference, the library's text of it (`ifeval.describe`, as the prompt states it)."""
+    ids, kwargs = _reference(reference)
+    return [ife.describe(i, k, prompt) for i, k in zip(ids, kwargs)]
+
+
 # --- content -----------------------------------------------------------------------------------------------------------
 # The sentences are written to be transformed by instructions: no word in capitals (not even "I"), no `*`, `[`, `]`,
 # `<`, `>` or double quotes, no abbreviations with a period, few commas.

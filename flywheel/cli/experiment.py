@@ -1,7 +1,8 @@
-"""`flywheel experiment NAME`: the verifiable mini-world, every variant over every seed (flywheel/analysis/experiment.py).
+"""`flywheel experiment NAME`: a verifiable world, every variant over every seed (flywheel/analysis/experiment.py).
 
     flywheel experiment sort [--config configs/experiments/sort.yaml] [--variants judge,rule-oracle]
                              [--registry DIR] [key=value ...]
+    flywheel experiment ifworld --variants rule-oracle      # the real model on IFEval's instructions
 
 NAME is `configs/experiments/NAME.yaml` unless --config names another file; overrides apply to that file
 (`seeds=[0]`, `world.test=100`, `config.run.iterations=3`). Runs go to the registry (default data_registry) under
@@ -44,14 +45,14 @@ def _experiment(args) -> int:
         rows = run_experiment(exp, args.registry, variants, console)
         path = write_results(exp, args.registry, rows)
     console.print(grid_table(f"experiment {exp.name}: mean ± sd over seeds {sorted({r['seed'] for r in rows})}",
-                             *table(summarise(rows))))
+                             *table(summarise(rows), exp.the_task.metric)))
     console.print(f"Results: {path} (curves.png, results.json beside it)", soft_wrap=True)
     console.print(f"Wall time: {time.perf_counter() - t0:.1f} s")
     return 0
 
 
 def register(sub) -> None:
-    p = sub.add_parser("experiment", help="the verifiable mini-world: held-out exact match of M1, M2, ... per variant")
+    p = sub.add_parser("experiment", help="a verifiable world (sort, ifworld): held-out accuracy of M1, M2, ... per variant")
     p.add_argument("name", help="experiment name: configs/experiments/NAME.yaml")
     p.add_argument("--config", "-c", default=None, help="experiment YAML (default: configs/experiments/NAME.yaml)")
     p.add_argument("--variants", default=None, help="comma-separated subset of the experiment's variants")

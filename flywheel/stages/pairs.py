@@ -12,6 +12,13 @@ shortest candidate in the top band [(1-rho)*Smax + rho*Smin, Smax] and the rejec
 are dropped. Remaining ties are broken by candidate id, so the same scores always give the same pairs. Each pair records
 the signals, weights and rho that made it.
 
+Temporal anchoring (`pairs.anchor: m1`, Temporal Self-Rewarding; `anchor_id` is M1 from iteration 2 on): the generate
+stage also sampled the anchor model, and each prompt's chosen is the best of M_t's candidates (every candidate not the
+anchor's) and its rejected the worst of the anchor's, each side with its own bands; scores are combined over all the
+prompt's candidates as above. The pair records the anchor ('anchor' in its signals); a prompt whose M_t best does not
+beat the anchor's worst by more than `min_margin` is dropped like any other. Without an anchor the stage's inputs,
+statements and rows are what they were before anchoring existed.
+
 What the stage freezes: the pairs are selected and joined to their texts once, into a temp table in pair_id order
 (`flywheel.registry.datasets.prepared_rows`); the pairs table is filled from it, and `run_stage`'s freeze writes the stage's
 dataset versions from it without querying the registry again: "pairs" (the pairs table's rows, with their signals)
@@ -38,7 +45,8 @@ judge AS (                      -- the judge signal: mean of the valid samples
     FROM judgments WHERE stage_run_id = $judge_sid AND score IS NOT NULL
     GROUP BY candidate_id
 ), signals AS (                 -- long format: (candidate, signal, value), weighted signals only
-    SELECT c.prompt_id, c.candidate_id, c.rowid AS candidate_row, c.num_tokens, s.signal, s.value, w.weight
+    SELECT c.prompt_id, c.candidate_id, c.rowid AS candidate_row, c.num_tokens, c.model_id, s.signal, s.value,
+           w.weight
     FROM (SELECT * FROM judge
           UNION ALL
           SELECT candidate_id, signal, value FROM rewards WHERE stage_run_id = $reward_sid AND value IS NOT NULL) s
@@ -49,6 +57,7 @@ judge AS (                      -- the judge signal: mean of the valid samples
     QUALIFY count(*) OVER (PARTITION BY candidate_id) = len($weights)
 ), scored AS (
     SELECT prompt_id, candidate_id, any_value(candidate_row) AS candidate_row, any_value(num_tokens) AS num_tokens,
+           any_value(model_id) AS model_id,
            CASE WHEN len($weights) = 1 THEN any_value(value)
                 ELSE round(sum(weight * coalesce(z, 0) ORDER BY signal), 9) END AS score,  -- z NULL: all tie
            to_json(map(list(signal ORDER BY signal), list(value ORDER BY signal))) AS raw
@@ -62,27 +71,37 @@ judge AS (                      -- the judge signal: mean of the valid samples
 # rejected (bottom band: longest, worst, then smallest id) candidate, with their score and raw signals. A candidate is
 # named by its row in `candidates` (rowid, valid within the transaction that reads it): the pair rows fetch its id,
 # text and length by it, a join much cheaper than one on the id. Taking a struct by arg_max/arg_min on a key that
-# ends with the (unique) candidate id picks one whole row.
-EXTREMES_SQL = f"""
+# ends with the (unique) candidate id picks one whole row. Anchored ($anchor: the anchor model's id), the bands are
+# per side (the anchor's candidates, the others') and the chosen is taken from the others, the rejected from the
+# anchor's; a prompt missing a side gets NULL there (and no pair).
+def _extremes_sql(anchored: bool) -> str:
+    scored = "(SELECT *, model_id = $anchor AS from_anchor FROM scored)" if anchored else "scored"
+    side, chosen, rejected = (", from_anchor", " AND NOT from_anchor", " AND from_anchor") if anchored else ("",) * 3
+    return f"""
 CREATE OR REPLACE TEMP TABLE pair_extremes AS
 WITH {SCORED_CTE}, bands AS (
     SELECT s.*, (1 - $rho) * max(score) OVER p + $rho * min(score) OVER p AS top_from,
                 (1 - $rho) * min(score) OVER p + $rho * max(score) OVER p AS bottom_to,
                 CASE WHEN $rho > 0 THEN -num_tokens ELSE 0 END AS shortness
-    FROM scored s WINDOW p AS (PARTITION BY prompt_id)
+    FROM {scored} s WINDOW p AS (PARTITION BY prompt_id{side})
 )
 SELECT prompt_id, ch.row_id AS chosen_row, ch.score AS chosen_score, ch.raw AS chosen_raw,
        rj.row_id AS rejected_row, rj.score AS rejected_score, rj.raw AS rejected_raw, scored
 FROM (SELECT prompt_id, count(*) AS scored,
              arg_max({{'row_id': candidate_row, 'score': score, 'raw': raw}}, (shortness, score, candidate_id))
-                 FILTER (WHERE score >= top_from) AS ch,
+                 FILTER (WHERE score >= top_from{chosen}) AS ch,
              arg_min({{'row_id': candidate_row, 'score': score, 'raw': raw}}, (shortness, score, candidate_id))
-                 FILTER (WHERE score <= bottom_to) AS rj
+                 FILTER (WHERE score <= bottom_to{rejected}) AS rj
       FROM bands GROUP BY prompt_id)
 """
 
-# The same table when one signal is weighted and rho = 0 (the default): the score is the signal itself and the bands
-# are the single best and worst, so one GROUP BY over the candidates' values does it, without z-scores or windows.
+
+EXTREMES_SQL = _extremes_sql(anchored=False)
+ANCHORED_EXTREMES_SQL = _extremes_sql(anchored=True)
+
+# The same table when one signal is weighted, rho = 0 and no anchor (the default): the score is the signal itself and
+# the bands are the single best and worst, so one GROUP BY over the candidates' values does it, without z-scores or
+# windows.
 # Only the rows are taken by arg_max/arg_min (a struct payload costs more than the rest of the statement); the chosen
 # score is then the maximum and the rejected the minimum. {values}: (candidate_id, value) of the one signal, each
 # candidate once.
@@ -109,8 +128,8 @@ PAIR_ROWS_SQL = """
 CREATE OR REPLACE TEMP TABLE {table} AS
 SELECT 'pr-' || sha256(concat_ws('|', $sid, e.prompt_id, ch.candidate_id, rj.candidate_id))[:16] AS pair_id,
        e.prompt_id, ch.candidate_id AS chosen_id, rj.candidate_id AS rejected_id, e.chosen_score, e.rejected_score,
-       json_object('weights', $weights_json::JSON, 'rho', $rho, 'chosen', e.chosen_raw, 'rejected', e.rejected_raw)
-           AS signals,
+       json_object('weights', $weights_json::JSON, 'rho', $rho, 'chosen', e.chosen_raw, 'rejected', e.rejected_raw
+                   {anchor}) AS signals,
        $iteration::INTEGER AS iteration, p.text AS prompt, ch.text AS chosen, rj.text AS rejected,
        ch.num_tokens > rj.num_tokens AS chosen_longer
 FROM pair_extremes e
@@ -149,9 +168,13 @@ def combined_scores(reg: Registry, cfg: FlywheelConfig, judge_sid: str, reward_s
 def select_pairs(con: duckdb.DuckDBPyConnection, params: dict, table: str) -> None:
     """Fill the temp table pair_extremes (best and worst per scored prompt) and the temp table `table` (the pairs, with
     their texts, in pair_id order), then insert the pairs. `params`: the statements' parameters (judge_sid,
-    reward_sid, weights, rho, sid, ...)."""
+    reward_sid, weights, rho, sid, ...; anchor when anchored)."""
     weights = params["weights"]
-    if len(weights) == 1 and params["rho"] == 0:
+    anchored = params.get("anchor") is not None
+    if anchored:
+        con.execute(ANCHORED_EXTREMES_SQL,
+                    {k: params[k] for k in ("judge_sid", "reward_sid", "weights", "rho", "anchor")})
+    elif len(weights) == 1 and params["rho"] == 0:
         signal = weights[0]["signal"]
         values = JUDGE_VALUES if signal == "judge" else REWARD_VALUES
         used = {"judge_sid"} if signal == "judge" else {"reward_sid"}
@@ -159,8 +182,9 @@ def select_pairs(con: duckdb.DuckDBPyConnection, params: dict, table: str) -> No
                     {"signal": signal, **{k: params[k] for k in used}})
     else:
         con.execute(EXTREMES_SQL, {k: params[k] for k in ("judge_sid", "reward_sid", "weights", "rho")})
-    con.execute(PAIR_ROWS_SQL.format(table=table),
-                {k: params[k] for k in ("sid", "weights_json", "rho", "iteration", "min_margin")})
+    con.execute(PAIR_ROWS_SQL.format(table=table, anchor=", 'anchor', $anchor" if anchored else ""),
+                {k: params[k] for k in ("sid", "weights_json", "rho", "iteration", "min_margin",
+                                        *(("anchor",) if anchored else ()))})
     if con.execute("SELECT count(*) FROM pairs WHERE stage_run_id = ?", [params["sid"]]).fetchone()[0]:
         return  # an attempt that crashed after this commit inserted them: the same rows (one transaction, all or none)
     con.execute(INSERT_PAIRS_SQL.format(table=table), {k: params[k] for k in ("sid", "run_id", "config_hash")})
@@ -168,7 +192,11 @@ def select_pairs(con: duckdb.DuckDBPyConnection, params: dict, table: str) -> No
 
 def unpaired_prompts(reg: Registry, params: dict) -> dict[str, int]:
     """Why the prompts that made no pair made none (read from pair_extremes, before it is dropped): no candidate
-    with every signal, one such candidate, best and worst tied, or apart by no more than `pairs.min_margin`."""
+    with every signal, one such candidate, best and worst tied, or apart by no more than `pairs.min_margin`; anchored,
+    also: none of M_t's or none of the anchor's candidates scored, or the anchor's worst scored above M_t's best."""
+    anchored_only = """, count(*) FILTER (WHERE scored > 1 AND (chosen_score IS NULL OR rejected_score IS NULL))
+                      AS one_side_unscored,
+                  count(*) FILTER (WHERE chosen_score < rejected_score) AS anchor_scored_higher"""
     row = reg.rows(
         """SELECT (SELECT count(DISTINCT prompt_id) FROM candidates WHERE candidate_id IN (
                        SELECT candidate_id FROM judgments WHERE stage_run_id = $judge_sid
@@ -178,23 +206,27 @@ def unpaired_prompts(reg: Registry, params: dict) -> dict[str, int]:
                   count(*) FILTER (WHERE scored > 1 AND chosen_score = rejected_score) AS tie,
                   count(*) FILTER (WHERE scored > 1 AND chosen_score > rejected_score
                                    AND chosen_score - rejected_score <= $min_margin) AS within_min_margin
-           FROM pair_extremes""",
+                  {anchored_only}
+           FROM pair_extremes""".format(anchored_only=anchored_only if params.get("anchor") is not None else ""),
         {k: params[k] for k in ("judge_sid", "reward_sid", "min_margin")})[0]
     return {k: int(v or 0) for k, v in row.items()}
 
 
 def build_pairs(cfg: FlywheelConfig, run_id: str, iteration: int, judge_sid: str,
-                reward_sid: str | None = None) -> StageResult:
+                reward_sid: str | None = None, anchor_id: str | None = None) -> StageResult:
+    """`anchor_id`: the model whose candidates are the rejected side (`pairs.anchor`), or None for best vs worst."""
     rho = cfg.pairs.rho_for(iteration)
     weights = active_weights(cfg)
     inputs = {"judgments": judge_sid, "rewards": reward_sid, "weights": weights, "rho": rho,
               "min_margin": cfg.pairs.min_margin}
+    if anchor_id is not None:
+        inputs["anchor"] = anchor_id
 
     def work(reg: Registry, sid: str) -> dict:
         weights_json = json.dumps({w["signal"]: w["weight"] for w in weights})
         params = dict(**_score_params(cfg, judge_sid, reward_sid), weights_json=weights_json, rho=rho, sid=sid,
                       run_id=run_id, iteration=iteration, config_hash=cfg.config_hash(),
-                      min_margin=cfg.pairs.min_margin)
+                      min_margin=cfg.pairs.min_margin, anchor=anchor_id)
         table = prepared_rows(sid)  # left for run_stage's freeze, which writes the versions from it and drops it
         try:
             with reg.transaction() as con:
@@ -215,6 +247,7 @@ def build_pairs(cfg: FlywheelConfig, run_id: str, iteration: int, judge_sid: str
         return {"pairs": stats["pairs"], "prompts_scored": stats["prompts"], "unpaired": unpaired,
                 "mean_margin": round(stats["mean_margin"], 3) if stats["pairs"] else None,
                 "chosen_longer": round(stats["chosen_longer"], 3) if stats["pairs"] else None,
-                "signals": [w["signal"] for w in weights], "rho": rho}
+                "signals": [w["signal"] for w in weights], "rho": rho,
+                **({"anchor": anchor_id, "anchored": stats["pairs"]} if anchor_id is not None else {})}
 
     return run_stage(cfg, "pairs", run_id, iteration, None, inputs, work)
