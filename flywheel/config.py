@@ -306,6 +306,17 @@ class JudgeConfig(SamplingSection):
         return self
 
 
+class MetaJudgeConfig(SamplingSection):
+    """Meta-Rewarding's meta-judge (Wu et al. 2024, arXiv 2407.19594): M_t compares the best- and worst-scored of its
+    own judge samples of a candidate, in both orders (`template`); agreed verdicts are judge-preference pairs that DPO
+    trains on beside the actor pairs, so the judge improves with the actor. Needs judge.mode=sample, judge.samples>=2."""
+
+    enabled: bool = False
+    template: ShippedPath = REPO / "prompts/meta_judge.txt"
+    max_pairs: int | None = Field(None, ge=1, description="The most judge-preference pairs DPO trains on per "
+                                  "iteration (a fixed pseudo-random subset); default: all.")
+
+
 class RuleRewardConfig(_Section):
     """A rule-based reward for verifiable tasks, scored against the prompt's reference answer."""
 
@@ -458,6 +469,7 @@ class FlywheelConfig(_Section):
     self_instruct: SelfInstructConfig = SelfInstructConfig()
     generate: GenerateConfig = GenerateConfig()
     judge: JudgeConfig = JudgeConfig()
+    meta_judge: MetaJudgeConfig = MetaJudgeConfig()
     reward: RewardConfig = RewardConfig()
     pairs: PairsConfig = PairsConfig()
     train: TrainConfig = TrainConfig()
@@ -501,6 +513,20 @@ class FlywheelConfig(_Section):
             raise ValueError("reward.weights gives 'coherent' a weight but reward.coherent is false")
         if not any(self.reward.weights.values()):
             raise ValueError("reward.weights: at least one signal needs a non-zero weight")
+        return self
+
+    @model_validator(mode="after")
+    def _meta_judge_needs(self) -> "FlywheelConfig":
+        """The meta-judge compares several sampled judgments of one candidate: refused without them."""
+        if not self.meta_judge.enabled:
+            return self
+        if self.judge.mode != "sample" or self.judge.samples < 2:
+            raise ValueError(f"meta_judge.enabled needs judge.mode=sample and judge.samples >= 2, several judgment "
+                             f"texts per candidate to compare (got judge.mode={self.judge.mode}, "
+                             f"judge.samples={self.judge.samples})")
+        if "judge" not in self.reward.weights:
+            raise ValueError("meta_judge.enabled needs the judge stage, which runs only when reward.weights names "
+                             "'judge'")
         return self
 
     @property

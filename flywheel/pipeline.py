@@ -22,7 +22,7 @@ from .config import ConfigError, FlywheelConfig
 from .registry import Registry, runs
 from .registry.lock import registry_lock
 from .stage import IterationState, StageContext, Step
-from .stages import bootstrap, generate, judge, pairs, reward, self_instruct
+from .stages import bootstrap, generate, judge, meta_judge, pairs, reward, self_instruct
 from .training import M1_SFT, TRAINERS, Trainer
 
 log = logging.getLogger("flywheel")
@@ -43,13 +43,16 @@ GENERATE = Step("generate", ("model", "prompts", "m1"), "candidates",
 JUDGE = Step("judge", ("model", "candidates"), "judgments",
              lambda ctx, s: judge.judge(ctx.cfg, ctx.run_id, ctx.iteration, s.model, s.candidates),
              when=lambda cfg: "judge" in cfg.reward.weights)  # a weight of 0 keeps the judge for the report's monitors
+META_JUDGE = Step("meta_judge", ("model", "judgments"), "judge_pairs",
+                  lambda ctx, s: meta_judge.meta_judge(ctx.cfg, ctx.run_id, ctx.iteration, s.model, s.judgments),
+                  when=lambda cfg: cfg.meta_judge.enabled and JUDGE.when(cfg))
 REWARD = Step("reward", ("candidates", "m1", "pt"), "rewards",
               lambda ctx, s: reward.reward(ctx.cfg, ctx.run_id, ctx.iteration, s.candidates, s.m1, s.pt),
               when=lambda cfg: bool(cfg.reward.coherent or cfg.reward.rules))
 PAIRS = Step("pairs", ("judgments", "rewards", "model", "m1"), "pairs",
              lambda ctx, s: pairs.build_pairs(ctx.cfg, ctx.run_id, ctx.iteration, s.judgments, s.rewards,
                                               anchor_model(ctx, s)))
-DATA_STEPS = (SELF_INSTRUCT, GENERATE, JUDGE, REWARD, PAIRS)
+DATA_STEPS = (SELF_INSTRUCT, GENERATE, JUDGE, META_JUDGE, REWARD, PAIRS)
 
 
 def anchor_model(ctx: StageContext, s: IterationState) -> str | None:
@@ -66,9 +69,10 @@ def train_step(trainer: Trainer) -> Step:
 
 def steps_for(cfg: FlywheelConfig, iteration: int) -> list[Step]:
     """The steps of iteration `iteration`: the data steps its config turns on, then its trainer. A trainer on the seeds
-    alone (the plain-SFT baseline) skips the data steps."""
+    alone (the plain-SFT baseline) skips the data steps, and one that does not train on judge pairs the meta-judge."""
     trainer = TRAINERS[cfg.train.trainer_for(iteration)]
-    data = [s for s in DATA_STEPS if s.when(cfg)] if trainer.needs_iteration_data else []
+    data = [s for s in DATA_STEPS if s.when(cfg) and (s is not META_JUDGE or "judge_pairs" in trainer.consumes)]
+    data = data if trainer.needs_iteration_data else []
     return [*data, train_step(trainer)]
 
 
@@ -165,6 +169,11 @@ def preflight(cfg: FlywheelConfig) -> None:
     data = load_seed_data(cfg.seeds.path, cfg.seeds.format, max_chars=cfg.seeds.max_chars)
     check_backend(cfg.generate)
     judge.check_judge(cfg)  # its template too: M1's EFT fills it even when the judge stage is off
+    if cfg.meta_judge.enabled:
+        meta_judge.check_meta_judge(cfg)
+        if not any(META_JUDGE in steps_for(cfg, t) for t in range(1, cfg.run.iterations + 1)):
+            raise ConfigError("meta_judge.enabled: no iteration's trainer trains on judge pairs (train.trainer: dpo "
+                              "does); set meta_judge.enabled=false")
     if cfg.model.base == "tiny" and cfg.model.tiny.corpus:
         bootstrap.read_corpus(cfg.model.tiny.corpus)
     if not cfg.self_instruct.template.is_file():  # the base stage reads it in any mode

@@ -74,6 +74,7 @@ class IterationState:
     judgments: str | None = None
     rewards: str | None = None
     pairs: str | None = None
+    judge_pairs: str | None = None        # the meta-judge stage run: judge-preference pairs
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,8 @@ class Step:
 
 
 MODEL_FIELDS = ("pt", "m1", "model")
-OPTIONAL_INPUTS = ("judgments", "rewards")  # pairs and RS-SFT combine whichever signals ran
+OPTIONAL_INPUTS = ("judgments", "rewards", "judge_pairs")  # pairs and RS-SFT combine whichever signals ran; DPO adds
+# the meta-judge's pairs when it ran
 
 
 def stage_run_id(stage: str, inputs: dict) -> str:

@@ -219,6 +219,15 @@ def candidate_accuracy(reg, run_id: str, iteration: int, task=None) -> float | N
 
 
 # --- the experiment ---------------------------------------------------------------------------------------------------
+def judge_key(cfg: FlywheelConfig) -> dict:
+    """The judge settings a model's scores depend on: verify mode's fields only in verify mode, so scores cached
+    before that mode existed stay valid (as the judge stage's ids do: `judge.judge_inputs`)."""
+    from ..stages.judge import VERIFY_ONLY
+
+    c = cfg.judge
+    return c.model_dump(mode="json", exclude=None if c.mode == "verify" else VERIFY_ONLY)
+
+
 def exp_dir(root: Path, exp: ExperimentConfig) -> Path:
     return Path(root) / "experiments" / exp.name
 
@@ -254,7 +263,7 @@ def run_experiment(exp: ExperimentConfig, root: Path, variants: list[str] | None
         for variant in names:
             cfg = variant_config(exp, variant, seed, root, files)
             # a model's scores depend on it, the test set, and how it is scored: all three name its cache file
-            scoring = content_hash([test, exp.eval.model_dump(), seed, cfg.judge.model_dump(mode="json")]
+            scoring = content_hash([test, exp.eval.model_dump(), seed, judge_key(cfg)]
                                    + ([] if exp.task == "sort" else [exp.task, judge_items]), 8)
             t0 = time.perf_counter()
             stopped = None

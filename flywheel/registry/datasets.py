@@ -4,6 +4,7 @@ After a stage's work succeeds, `run_stage` calls `freeze_stage_outputs`, which w
 
     seeds -> seeds    self_instruct -> prompts    generate -> candidates    judge -> judgments
     reward -> rewards    pairs -> pairs + train (TRL's preference format: prompt, chosen, rejected, plus ids)
+    meta_judge -> judge_pairs (the same format: the judge prompt, the preferred and the other judgment, plus ids)
 
 to `<registry>/datasets/<name>/<version_id>.parquet` and records it in `dataset_versions`. The version id is the
 name plus a prefix of the content hash: the sha256 of the rows' canonical JSON (DuckDB `to_json` of each row, in key
@@ -44,7 +45,7 @@ from .store import Registry, now
 # Which datasets each stage produces (stages not listed, such as base, sft and the trainers, produce none).
 STAGE_DATASETS: dict[str, tuple[str, ...]] = {
     "seeds": ("seeds",), "self_instruct": ("prompts",), "generate": ("candidates",), "judge": ("judgments",),
-    "reward": ("rewards",), "rewards": ("rewards",), "pairs": ("pairs", "train"),
+    "reward": ("rewards",), "rewards": ("rewards",), "pairs": ("pairs", "train"), "meta_judge": ("judge_pairs",),
 }
 
 # The rows of each dataset for one stage run ($sid), in a deterministic order, without volatile columns.
@@ -83,6 +84,32 @@ DATASET_SQL: dict[str, str] = {
         JOIN candidates ch ON ch.candidate_id = pr.chosen_id
         JOIN candidates rj ON rj.candidate_id = pr.rejected_id
         WHERE pr.stage_run_id = $sid ORDER BY pr.pair_id""",
+    # The meta-judge's pairs of judgments (flywheel/stages/meta_judge.py): a candidate whose two verdicts (rows of
+    # its stage, sample_index 0: the higher-scored judgment shown as A, 1: as B; score 1 = it preferred the
+    # higher-scored one) agree. The prompt is the judge's template filled as `str.format` does (the tokens {{, }},
+    # {instruction}, {response}), so it is exactly what the judge saw.
+    "judge_pairs": """
+        WITH m AS (
+            SELECT candidate_id, min(score) = 1 AS higher_better,
+                   arg_min(json_extract_string(sampling, '$.shown[0]'), sample_index) AS higher_id,
+                   arg_min(json_extract_string(sampling, '$.shown[1]'), sample_index) AS lower_id,
+                   arg_min(raw_text, sample_index) AS verdict_ab, arg_max(raw_text, sample_index) AS verdict_ba
+            FROM judgments WHERE stage_run_id = $sid
+            GROUP BY candidate_id HAVING count(score) = 2 AND min(score) = max(score))
+        SELECT array_to_string(list_transform(
+                   regexp_extract_all(t.text, '\\{\\{|\\}\\}|\\{instruction\\}|\\{response\\}|[^{}]+'),
+                   lambda x: CASE x WHEN '{{' THEN '{' WHEN '}}' THEN '}' WHEN '{instruction}' THEN p.text
+                                    WHEN '{response}' THEN c.text ELSE x END), '') AS prompt,
+               ch.raw_text AS chosen, rj.raw_text AS rejected, m.candidate_id,
+               ch.judgment_id AS chosen_judgment_id, rj.judgment_id AS rejected_judgment_id,
+               ch.score AS chosen_score, rj.score AS rejected_score, m.verdict_ab, m.verdict_ba
+        FROM m
+        JOIN judgments ch ON ch.judgment_id = if(m.higher_better, m.higher_id, m.lower_id)
+        JOIN judgments rj ON rj.judgment_id = if(m.higher_better, m.lower_id, m.higher_id)
+        JOIN candidates c ON c.candidate_id = m.candidate_id
+        JOIN prompts p ON p.prompt_id = c.prompt_id
+        JOIN templates t ON t.template_hash = ch.template_hash
+        ORDER BY m.candidate_id""",
 }
 
 # Joins a "pairs" table (registered as `pairs_version`) to its texts: the training set's columns.

@@ -1,6 +1,7 @@
 """DPO (TRL) on the iteration's frozen training set (dataset version `train`): M_t -> M_{t+1}.
 
     TRAINER.stage(ctx, state)      # reads state.pairs (the pairs stage run), state.model (M_t), state.m1
+                                   # and state.judge_pairs (the meta-judge stage run) when it ran
 
 Settings come from the `dpo` section (paper defaults: beta 0.1, lr 1e-6 decaying by cosine to `min_lr_ratio` of it,
 batch 16, dropout 0.1, which on Llama is attention_dropout). `dpo.reference`: `previous` trains against M_t (TRL keeps
@@ -8,11 +9,17 @@ a frozen copy), `m1` against M1 throughout. `dpo.lora.enabled` trains LoRA adapt
 the weights before saving, so every later stage loads a plain model. The model row records its reference model, the
 dataset version it read (flywheel/registry/datasets.py), the `dpo` section as train_config (plus the dropout fields it set) and
 the final metrics.
+
+With the meta-judge (`meta_judge.enabled`, flywheel/stages/meta_judge.py) the rows are the actor pairs plus its
+judge-preference pairs (version `judge_pairs`; the first `meta_judge.max_pairs` of them, in candidate-id order, a
+fixed pseudo-random subset), shuffled with the run's seed; the stage's stats count each kind. Without it the stage's
+inputs and rows are what they were before the meta-judge existed.
 """
 
 from __future__ import annotations
 
 import json
+import random
 
 from ..backends.models import load, resolve_device
 from ..config import FlywheelConfig
@@ -43,24 +50,41 @@ def train_dpo(ctx: StageContext, state: IterationState) -> StageResult:
     ref_model_id = state.m1 if cfg.dpo.reference == "m1" else model_id
     inputs = {"model": model_id, "pairs": state.pairs, "cfg": dpo_key(cfg), "seed": cfg.run.seed,
               "ref": ref_model_id}
+    if state.judge_pairs:  # only then: runs without the meta-judge keep their stage ids
+        inputs.update(judge_pairs=state.judge_pairs, max_judge_pairs=cfg.meta_judge.max_pairs)
 
     def make_job(reg: Registry, sid: str) -> tuple[TrainJob, dict]:
         version = stage_version(reg, state.pairs, "train")  # the frozen training set, hash-checked on read
         rows = read_version(reg, version).to_pylist()
         training_pairs = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows]
-        if not training_pairs:
+        judge_rows, extra = judge_pairs(reg, state.judge_pairs, cfg.meta_judge.max_pairs)
+        if not training_pairs and not judge_rows:
             stats = json.loads(reg.scalar("SELECT stats FROM stage_runs WHERE stage_run_id = ?", [state.pairs]) or "{}")
             why = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in (stats.get("unpaired") or {}).items() if v)
             raise NoTrainingDataError(
                 f"iteration {ctx.iteration} produced no preference pairs (prompts without a pair: {why or 'none'}). "
                 "More candidates (generate.n), more judge samples (judge.samples), a judge template the model can "
                 "answer, or a lower pairs.min_margin make pairs; `flywheel report` shows the judge's parse failures")
+        stats = {"pairs": len(training_pairs), **extra}
+        if state.judge_pairs:  # the actor's and the judge's pairs, mixed
+            training_pairs = training_pairs + judge_rows
+            random.Random(cfg.run.seed).shuffle(training_pairs)
         ref_path = model_path(reg, ref_model_id) if ref_model_id != model_id else None  # None: TRL copies M_t
         job = TrainJob("dpo", model_path(reg, model_id), str(reg.model_dir(sid)), training_pairs, ref_path=ref_path)
-        return job, {"ref_model_id": ref_model_id, "dataset_version": version,
-                     "stats": {"pairs": len(training_pairs)}}
+        return job, {"ref_model_id": ref_model_id, "dataset_version": version, "stats": stats}
 
     return train_stage(ctx, TRAINER, model_id, inputs, make_job)
+
+
+def judge_pairs(reg: Registry, meta_sid: str | None, cap: int | None) -> tuple[list[dict], dict]:
+    """(the first `cap` rows of the meta-judge stage run's frozen judge_pairs version, what to record in the stats);
+    ([], {}) without a meta-judge stage."""
+    if not meta_sid:
+        return [], {}
+    version = stage_version(reg, meta_sid, "judge_pairs")
+    rows = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in read_version(reg, version).to_pylist()]
+    return rows[:cap], {"judge_pairs": len(rows[:cap]), "judge_pairs_frozen": len(rows),
+                        "judge_pairs_version": version}
 
 
 def fit_dpo(cfg: FlywheelConfig, job: TrainJob, model, tokenizer, **common) -> dict:
@@ -78,4 +102,4 @@ def fit_dpo(cfg: FlywheelConfig, job: TrainJob, model, tokenizer, **common) -> d
     return {**metrics, "train_config_extra": extra}
 
 
-TRAINER = Trainer("dpo", section="dpo", consumes=("pairs",), stage=train_dpo, fit=fit_dpo)
+TRAINER = Trainer("dpo", section="dpo", consumes=("pairs", "judge_pairs"), stage=train_dpo, fit=fit_dpo)
