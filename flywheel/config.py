@@ -455,6 +455,10 @@ class TrainConfig(_Section):
     trainer: str | list[str] = Field("dpo", description="One trainer, or a list with one per iteration: dpo, ppo, grpo, "
                                                       "rloo, rs-sft, sft (flywheel/training/).")
     launch: LaunchConfig = LaunchConfig()
+    report_to: Literal["none", "tensorboard", "mlflow", "wandb", "trackio"] = Field(
+        "none", description="Experiment tracker (TRL/transformers' `report_to`) for the trainers' own metrics and "
+                            "each iteration's report figures (flywheel/tracking.py); `none` stays offline. "
+                            "Does not change the run id.")
 
     def trainer_for(self, iteration: int) -> str:
         return per_iteration(self.trainer, iteration)

@@ -17,6 +17,7 @@ import logging
 from dataclasses import replace
 from typing import Callable
 
+from . import tracking
 from .analysis import report
 from .config import ConfigError, FlywheelConfig
 from .registry import Registry, runs
@@ -135,6 +136,7 @@ def run(cfg: FlywheelConfig, call: Call = call_here, iterate=run_iteration) -> s
                 state = iterate(cfg, run_id, t, state, call)
                 with ctx.registry() as reg:
                     warn_monitors(reg, run_id, t)
+                    tracking.log_iteration(reg, cfg, run_id, t)  # train.report_to: the report's figures, step t
         except BaseException:
             with ctx.registry() as reg:
                 reg.finish_run(run_id, "failed")
@@ -160,11 +162,13 @@ def warn_monitors(reg: Registry, run_id: str, iteration: int) -> None:
 def preflight(cfg: FlywheelConfig) -> None:
     """Fail before the run starts on inputs that are missing or malformed, or that a stage would fail on after minutes
     of work: a seed longer than seeds.max_chars, a template whose fields are not exactly what its stage fills in (or
-    with a stray brace), a prompts file too small for the run. (Bad values are refused when the config loads.)"""
+    with a stray brace), a prompts file too small for the run, a train.report_to whose package is not installed.
+    (Bad values are refused when the config loads.)"""
     from .backends import check_backend
     from .backends.bases import resolve_base
     from .stages.seeds import load_seed_data
 
+    tracking.check(cfg.train.report_to)  # transformers would fail at the first trainer, after hours of generation
     resolve_base(cfg.model.base)  # a missing package or file, or a GGUF this install cannot read: named here
     data = load_seed_data(cfg.seeds.path, cfg.seeds.format, max_chars=cfg.seeds.max_chars)
     check_backend(cfg.generate)

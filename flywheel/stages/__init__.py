@@ -3,9 +3,10 @@
     bootstrap.py      iteration 0: seeds imported (seeds.py: the seed formats), the base model (PT)
     self_instruct.py  new prompts from few-shot seed prompts; near-duplicates dropped (dedup.py)
     generate.py       N candidates per kept prompt
-    judge.py          the LLM-as-a-Judge verdicts (score_parser.py reads them)
+    judge.py          the LLM-as-a-Judge verdicts (score_parser.py reads them); verify mode: yes/no per requirement
+    meta_judge.py     (optional) M_t judges its own judgments: judge-preference pairs for DPO
     reward.py         the coherent and rule rewards (flywheel/signals.py computes them)
-    pairs.py          best vs worst per prompt, in SQL; the frozen training set
+    pairs.py          best vs worst per prompt, in SQL (optionally anchored: rejected from M1); the frozen training set
 
 `flywheel/pipeline.py` says in which order they run and what each reads; training is in flywheel/training/.
 """

@@ -23,6 +23,7 @@ from ..config import FlywheelConfig
 from ..registry import Registry
 from ..registry.integrity import accept_model, reopen_if_missing
 from ..stage import StageContext, StageResult, run_stage, stage_run_id
+from ..tracking import training
 from .job import Fit, NoTrainingDataError, Trainer, TrainJob
 from .launch import run_accelerate
 
@@ -40,11 +41,13 @@ def train_stage(ctx: StageContext, trainer: Trainer, model_id: str, inputs: dict
             raise NoTrainingDataError(f"{trainer.name} (iteration {iteration}): no training rows")
         release_backends()  # a loaded generation model would share the GPU with training
         reg.release()  # nor does training need the registry: readers get in meanwhile
-        if cfg.train.launch.mode == "accelerate":
-            metrics = run_accelerate(cfg, job, reg.root / "jobs" / sid)
-        else:
-            metrics = run_job(cfg, job, trainer.fit)
         name = f"M{iteration + 1}"
+        with training(cfg, ctx.run_id, f"{name}-{trainer.name}") as tracking:  # train.report_to
+            job.tracking = tracking
+            if cfg.train.launch.mode == "accelerate":
+                metrics = run_accelerate(cfg, job, reg.root / "jobs" / sid)
+            else:
+                metrics = run_job(cfg, job, trainer.fit)
         setting, value = learning_rate_setting(cfg, trainer, iteration)
         sha = accept_model(job.out_dir, metrics, what=f"{name} ({trainer.name}, iteration {iteration}, stage {sid})",
                            hint=f"The learning rate is probably too high: lower {setting} (now {value}).")

@@ -95,7 +95,8 @@ def fit_dpo(cfg: FlywheelConfig, job: TrainJob, model, tokenizer, **common) -> d
     metrics = loops().dpo_train(model, tokenizer, job.rows, beta=c.beta, lr=c.learning_rate, epochs=c.epochs,
                               batch_size=c.batch_size, max_length=c.max_length, min_lr_ratio=c.min_lr_ratio,
                               dropout=c.dropout, lora=lora, ref_model=ref, nll_weight=c.nll_weight,
-                              precompute_ref=precompute, micro_batch_size=c.micro_batch_size, **common)
+                              precompute_ref=precompute, micro_batch_size=c.micro_batch_size,
+                              tracking=job.tracking, **common)
     extra = {"dropout_applied_to": metrics.pop("dropout_fields"),
              "lora": lora.model_dump(mode="json"),  # with 'auto' decided
              "precompute_ref_log_probs": precompute}

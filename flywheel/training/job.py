@@ -33,6 +33,7 @@ class TrainJob:
     sft_path: str | None = None      # the coherent reward (GRPO/RLOO/PPO): the SFT and PT models
     pt_path: str | None = None
     settings: dict = field(default_factory=dict)  # what `fit` trains with, when not simply the trainer's config section
+    tracking: dict = field(default_factory=dict)  # TRL's report_to, run_name, project (flywheel.tracking.training)
 
     def write(self, folder: Path) -> None:
         import pyarrow as pa

@@ -71,10 +71,11 @@ def _hardware_args(device: str) -> dict[str, Any]:
     return dict(use_cpu=not on_gpu, bf16=on_gpu, gradient_checkpointing=False)
 
 
-def _common_args(device: str, seed: int, out_dir: str) -> dict[str, Any]:
+def _common_args(device: str, seed: int, out_dir: str, tracking: dict | None = None) -> dict[str, Any]:
+    """`tracking`: TRL's report_to, run_name and project for `train.report_to` (flywheel.tracking.training)."""
     return dict(
         output_dir=out_dir,
-        report_to="none",
+        **{"report_to": "none", **(tracking or {})},
         save_strategy="no",
         logging_steps=1,
         disable_tqdm=False,  # our logger level would turn the bar off and print raw log dicts instead
@@ -213,7 +214,7 @@ def causal_lm_train(model, tokenizer, texts: list[str], *, steps: int, lr: float
 
 def sft_train(model, tokenizer, examples: list[dict], *, epochs: float, lr: float, batch_size: int, max_length: int,
               device: str, seed: int, lora=None, micro_batch_size: int | None = None,
-              save_dir: str | Path | None = None) -> dict[str, float]:
+              save_dir: str | Path | None = None, tracking: dict | None = None) -> dict[str, float]:
     """SFT on {"prompt", "completion"} rows, as chat turns; the loss covers the completion only. With `lora` (a
     LoraConfig that is on) LoRA adapters train and are merged into `model` afterwards."""
     rows = {
@@ -223,7 +224,7 @@ def sft_train(model, tokenizer, examples: list[dict], *, epochs: float, lr: floa
     with tempfile.TemporaryDirectory() as out:
         args = SFTConfig(
             num_train_epochs=epochs, learning_rate=lr, max_length=max_length, **_batches(batch_size, micro_batch_size),
-            lr_scheduler_type="cosine", warmup_steps=0.05, **_common_args(device, seed, out),
+            lr_scheduler_type="cosine", warmup_steps=0.05, **_common_args(device, seed, out, tracking),
         )
         trainer = _quiet(SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict(rows),
                                     processing_class=tokenizer, peft_config=peft_lora_config(lora)))
@@ -252,7 +253,8 @@ def peft_lora_config(lora):
 def dpo_train(model, tokenizer, pairs: list[dict], *, beta: float, lr: float, epochs: float, batch_size: int,
               max_length: int, device: str, seed: int, min_lr_ratio: float = 0.1, dropout: float = 0.0,
               lora=None, ref_model=None, nll_weight: float = 0.0, precompute_ref: bool = False,
-              micro_batch_size: int | None = None, save_dir: str | Path | None = None) -> dict[str, float]:
+              micro_batch_size: int | None = None, save_dir: str | Path | None = None,
+              tracking: dict | None = None) -> dict[str, float]:
     """DPO on {"prompt", "chosen", "rejected"} rows (plain strings).
 
     - The learning rate decays by cosine to `min_lr_ratio` of its start (paper: 1e-6 -> 1e-7).
@@ -283,7 +285,7 @@ def dpo_train(model, tokenizer, pairs: list[dict], *, beta: float, lr: float, ep
             lr_scheduler_kwargs={"min_lr_rate": min_lr_ratio}, disable_dropout=False,
             precompute_ref_log_probs=precompute_ref,
             **({"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, nll_weight]} if nll_weight else {}),
-            **_common_args(device, seed, out),
+            **_common_args(device, seed, out, tracking),
         )
         trainer = _quiet(DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=Dataset.from_dict(rows),
                                     processing_class=tokenizer, peft_config=peft_lora_config(lora)))
@@ -299,7 +301,7 @@ RewardFunc = Callable[..., list[float]]
 
 def _online_train(config_cls, trainer_cls, model, tokenizer, prompts: list[dict], reward_funcs: list[RewardFunc],
                   c, *, device: str, seed: int, reward_weights: list[float] | None,
-                  save_dir: str | Path | None) -> dict[str, float]:
+                  save_dir: str | Path | None, tracking: dict | None) -> dict[str, float]:
     if c.batch_size % c.num_generations:
         raise ValueError(f"batch_size ({c.batch_size}) must be a multiple of num_generations ({c.num_generations}): "
                          "each step samples whole groups of completions per prompt")
@@ -315,7 +317,7 @@ def _online_train(config_cls, trainer_cls, model, tokenizer, prompts: list[dict]
             learning_rate=c.learning_rate, num_generations=c.num_generations, per_device_train_batch_size=c.batch_size,
             max_steps=c.max_steps, beta=c.beta, temperature=c.temperature,
             max_completion_length=c.max_completion_length, reward_weights=reward_weights,
-            **_common_args(device, seed, out),
+            **_common_args(device, seed, out, tracking),
         )
         trainer = _quiet(trainer_cls(model=model, reward_funcs=list(reward_funcs), args=args,
                                      train_dataset=Dataset.from_dict(rows), processing_class=tokenizer))
@@ -324,16 +326,16 @@ def _online_train(config_cls, trainer_cls, model, tokenizer, prompts: list[dict]
 
 def grpo_train(model, tokenizer, prompts: list[dict], reward_funcs: list[RewardFunc], cfg_section, *, device: str,
                seed: int, reward_weights: list[float] | None = None,
-               save_dir: str | Path | None = None) -> dict[str, float]:
+               save_dir: str | Path | None = None, tracking: dict | None = None) -> dict[str, float]:
     """GRPO (TRL) on {"prompt", "reference"} rows: `num_generations` samples per prompt, advantages relative to the
     group, a KL penalty of `beta` against the starting model (0 loads no reference). `cfg_section`: OnlineRLConfig."""
     return _online_train(GRPOConfig, GRPOTrainer, model, tokenizer, prompts, reward_funcs, cfg_section,
-                         device=device, seed=seed, reward_weights=reward_weights, save_dir=save_dir)
+                         device=device, seed=seed, reward_weights=reward_weights, save_dir=save_dir, tracking=tracking)
 
 
 def rloo_train(model, tokenizer, prompts: list[dict], reward_funcs: list[RewardFunc], cfg_section, *, device: str,
                seed: int, reward_weights: list[float] | None = None,
-               save_dir: str | Path | None = None) -> dict[str, float]:
+               save_dir: str | Path | None = None, tracking: dict | None = None) -> dict[str, float]:
     """RLOO (TRL): as `grpo_train`, with each sample's baseline the mean reward of the other samples of its prompt."""
     return _online_train(RLOOConfig, RLOOTrainer, model, tokenizer, prompts, reward_funcs, cfg_section,
-                         device=device, seed=seed, reward_weights=reward_weights, save_dir=save_dir)
+                         device=device, seed=seed, reward_weights=reward_weights, save_dir=save_dir, tracking=tracking)

@@ -62,7 +62,8 @@ def _fit(trainer: str, loop: str):
         sft, pt = coherent_models(job, common["device"])
         funcs = reward_functions(cfg, sft, pt, tokenizer, process_device(common["device"]))
         weights = reward_weights(cfg)
-        metrics = getattr(loops(), loop)(model, tokenizer, job.rows, funcs, getattr(cfg, trainer), reward_weights=weights, **common)
+        metrics = getattr(loops(), loop)(model, tokenizer, job.rows, funcs, getattr(cfg, trainer),
+                                         reward_weights=weights, tracking=job.tracking, **common)
         return {**metrics, "train_config_extra": {"reward_functions": {f.__name__: w for f, w in zip(funcs, weights)}}}
 
     return fit

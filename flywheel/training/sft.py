@@ -49,7 +49,7 @@ def sft_examples(reg: Registry, seeds_sid: str, judge_template: str, *, eft: boo
 def fit_sft(cfg: FlywheelConfig, job: TrainJob, model, tokenizer, **common) -> dict:
     s = dict(job.settings)
     lora = LoraConfig.model_validate(s.pop("lora")) if s.get("lora") else None
-    metrics = loops().sft_train(model, tokenizer, job.rows, lora=lora, **s, **common)
+    metrics = loops().sft_train(model, tokenizer, job.rows, lora=lora, tracking=job.tracking, **s, **common)
     return {**metrics, "lora": bool(lora and lora.enabled)} if "lora" in job.settings else metrics
 
 
