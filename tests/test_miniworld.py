@@ -147,7 +147,8 @@ def test_the_oracle_pairs_right_over_wrong_and_pair_quality_counts_it(tmp_path):
     pairs = build_pairs(cfg, "r", 1, None, rewards.stage_run_id)
     assert pairs.stats["pairs"] == 3
     with Registry(tmp_path) as reg:
-        assert pair_quality(reg, "r", 1) == {"pairs": 3, "pair_accuracy": 1.0, "chosen_correct": 1.0}
+        assert pair_quality(reg, "r", 1) == {"pairs": 3, "pair_accuracy": 1.0, "pair_inverted": 0.0,
+                                                  "chosen_correct": 1.0}
         assert candidate_accuracy(reg, "r", 1) == pytest.approx(4 / 12)
 
 

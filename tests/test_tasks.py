@@ -89,6 +89,7 @@ def test_pair_accuracy_counts_more_instructions_followed_as_right(tmp_path, ifwo
                                       signals={}, stage_run_id="ps", **common)])
         q = pair_quality(reg, "r", 1, task)
     assert q["pairs"] == len(items) and q["pair_accuracy"] == pytest.approx((len(items) - 1) / len(items))
+    assert q["pair_inverted"] == pytest.approx(1 / len(items))
 
 
 @pytest.mark.slow

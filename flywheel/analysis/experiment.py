@@ -181,10 +181,11 @@ def pair_quality(reg, run_id: str, iteration: int, task=None) -> dict:
         "JOIN candidates rj ON rj.candidate_id = pr.rejected_id WHERE pr.stage_run_id = ?",
         [_stage_of(reg, run_id, iteration, "pairs")])
     if not rows:
-        return {"pairs": 0, "pair_accuracy": None, "chosen_correct": None}
+        return {"pairs": 0, "pair_accuracy": None, "pair_inverted": None, "chosen_correct": None}
     vals = [(task.value(r["prompt"], r["chosen"], r["reference"]), task.value(r["prompt"], r["rejected"], r["reference"]))
             for r in rows]
     return {"pairs": len(rows), "pair_accuracy": sum(c > w for c, w in vals) / len(vals),
+            "pair_inverted": sum(c < w for c, w in vals) / len(vals),  # the wrong way round (the rest: a tie)
             "chosen_correct": sum(c == 1.0 for c, _ in vals) / len(vals)}
 
 
@@ -293,7 +294,8 @@ def run_experiment(exp: ExperimentConfig, root: Path, variants: list[str] | None
                 row = {"seed": seed, "variant": variant, "model": model["name"], "model_id": model["model_id"],
                        "run_id": run_id, "run_seconds": round(seconds, 1),
                        **{k2: v for k2, v in scores.items() if k2 != "examples"},
-                       **(trained[k - 1] if k else {"pairs": None, "pair_accuracy": None, "chosen_correct": None}),
+                       **(trained[k - 1] if k else {"pairs": None, "pair_accuracy": None, "pair_inverted": None,
+                                                    "chosen_correct": None}),
                        "sampled_accuracy": sampled[k], **judged[k]}  # as M_t in iteration t = k + 1, if it ran
                 rows.append(row)
                 if console:
@@ -318,7 +320,8 @@ def _f(v, fmt: str = "{:.3f}") -> str:
 # --- summarising -------------------------------------------------------------------------------------------------------
 METRICS = [("accuracy", "held-out accuracy"), ("gain", "accuracy - M1's"),
            ("instruction_accuracy", "instruction-level accuracy"), ("judge_agreement", "judge agreement"),
-           ("pairs", "pairs trained on"), ("pair_accuracy", "pair accuracy"), ("mean_tokens", "mean length (tokens)"),
+           ("pairs", "pairs trained on"), ("pair_accuracy", "pair accuracy"), ("pair_inverted", "pairs inverted"),
+           ("mean_tokens", "mean length (tokens)"),
            ("sampled_accuracy", "its samples right"), ("own_score_right", "its judge score of right samples"),
            ("own_score_wrong", "its judge score of wrong samples")]
 
@@ -358,7 +361,7 @@ def table(summary: list[dict], metric: str = "exact match") -> tuple[list[str], 
     levels = any(e["instruction_accuracy"]["mean"] is not None for e in summary)
     header = ["variant", "model", f"{metric} %", "per seed", "change from M1 (points)",
               *(["instruction-level %"] if levels else []), "judge agreement %", "pairs trained on",
-              "pair accuracy %", "mean tokens", "its samples right %", "its judge score: right / wrong samples"]
+              "pairs right / inverted %", "mean tokens", "its samples right %", "its judge score: right / wrong samples"]
     rows = []
     for e in summary:
         right, wrong = e["own_score_right"]["mean"], e["own_score_wrong"]["mean"]
@@ -367,7 +370,8 @@ def table(summary: list[dict], metric: str = "exact match") -> tuple[list[str], 
                      " / ".join(f"{100 * v:.1f}" for v in e["accuracy"]["values"]),
                      "-" if e["model"] == "M1" else _cell(e["gain"], True, sign=True),
                      *([_cell(e["instruction_accuracy"], True)] if levels else []),
-                     _cell(e["judge_agreement"], True), _cell(e["pairs"], False), _cell(e["pair_accuracy"], True),
+                     _cell(e["judge_agreement"], True), _cell(e["pairs"], False),
+                     _cell(e["pair_accuracy"], True) + " / " + _cell(e["pair_inverted"], True),
                      _cell(e["mean_tokens"], False), _cell(e["sampled_accuracy"], True), own])
     return header, rows
 
@@ -383,8 +387,8 @@ def write_results(exp: ExperimentConfig, root: Path, rows: list[dict]) -> Path:
              f"World: {exp.sizes.model_dump()}.", "",
              f"{task.metric[0].upper() + task.metric[1:]}: greedy answers on the held-out test set. Judge agreement: "
              "the model as judge scores a right answer above a wrong one (0.5 is chance). Pairs and pair accuracy: "
-             "the pairs this model was trained on, and the share whose chosen answer is better than the rejected one "
-             "by ground truth. Its samples, its judge scores: in the iteration where this model was M_t.", "",
+             "the pairs this model was trained on, the share whose chosen answer is better than the rejected one "
+             "by ground truth, and the share the wrong way round (the rest tie: both right, or both equally wrong). Its samples, its judge scores: in the iteration where this model was M_t.", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
              *("| " + " | ".join(r) + " |" for r in body), ""]
     saved = json.loads((out / "results.json").read_text()) if (out / "results.json").is_file() else {}
