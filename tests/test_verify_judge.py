@@ -32,6 +32,7 @@ from flywheel.stages.judge import (
 from flywheel.stages.seeds import load_seeds, pretrain_corpus
 from tests.helpers import REPO
 from tests.helpers.models import tiny_model
+from tests.helpers.registry import candidate_row, prompt_row
 
 HERE = "tests.test_verify_judge"
 # prompt -> (its reference, its candidates' texts); the reference is what `listed` reads the requirements from
@@ -87,12 +88,8 @@ def _register(cfg, model_path):
         reg.register_model(model_id="m", name="M1", kind="sft", parent_id=None, path=str(model_path),
                            stage_run_id="sft", metrics={}, **common)
         for i, (prompt, (reference, replies)) in enumerate(PROMPTS.items()):
-            reg.insert("prompts", [dict(prompt_id=f"p{i}", source="self_instruct", text=prompt, reference=reference,
-                                        seed_id=None, few_shot_ids=None, kept=True, drop_reason=None, model_id="m",
-                                        stage_run_id="si", **common)])
-            reg.insert("candidates", [dict(candidate_id=f"c{i}-{k}", prompt_id=f"p{i}", sample_index=k, text=text,
-                                           num_tokens=4, finish_reason="stop", model_id="m", backend="transformers",
-                                           sampling={}, seed=0, stage_run_id="gen", **common)
+            reg.insert("prompts", [prompt_row(f"p{i}", prompt, "si", reference=reference)])
+            reg.insert("candidates", [candidate_row(f"c{i}-{k}", f"p{i}", text, "gen", sample_index=k, num_tokens=4)
                                       for k, text in enumerate(replies)])
 
 
