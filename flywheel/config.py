@@ -263,8 +263,29 @@ class VLLMBackendConfig(_Section):
     max_model_len: int | None = Field(None, ge=16, le=MAX_LENGTH)
 
 
+class RayConfig(_Section):
+    """Ray (`generate.backend: ray`, `train.launch.mode: ray`): which cluster, and what each worker gets. Where work
+    runs, not what it makes: none of it is in a stage id or the run id (flywheel/backends/ray_data.py)."""
+
+    address: str | None = Field(
+        None, description="The cluster to join ('127.0.0.1:6379', 'ray://host:10001', 'auto'); none: the "
+                          "RAY_ADDRESS environment variable, else a local cluster started in this process.")
+    engine: Literal["transformers", "vllm"] = Field(
+        "transformers", description="What each generation actor runs: the transformers engine (CPU or GPU), or "
+                                    "vLLM (GPU nodes; generate.vllm's settings).")
+    actors: int = Field(2, ge=1, description="Generation actors in the pool: batches run this many at a time.")
+    cpus_per_actor: float = Field(1.0, gt=0, description="CPUs each generation actor reserves; its torch threads.")
+    gpus_per_actor: float = Field(0.0, ge=0, description="GPUs each generation actor reserves (vLLM: its tensor "
+                                                         "parallel size).")
+    cpus_per_worker: float = Field(1.0, gt=0, description="train.launch.mode=ray: CPUs each Ray Train worker "
+                                                          "reserves; its torch threads.")
+
+
 class GenerateConfig(SamplingSection):
-    backend: Literal["transformers", "vllm", "openai"] = "transformers"
+    backend: Literal["transformers", "vllm", "openai", "ray"] = Field(
+        "transformers", description="transformers (this process), vllm (this process, CUDA), openai (a server fleet), "
+                                    "ray (an actor pool on a Ray cluster: the `ray` section). Self-instruct and the "
+                                    "judge use it too.")
     n: int = Field(4, ge=2, le=MAX_N, description="Candidates per prompt (paper: 4).")
     anchor_n: int | None = Field(
         None, ge=1, le=MAX_N, description="With `pairs.anchor: m1`: candidates per prompt sampled from the anchor "
@@ -444,8 +465,10 @@ class RSSFTConfig(TrainerSection):
 class LaunchConfig(_Section):
     """Where training runs: in this process, or as a separate `accelerate launch` process (frees GPU memory)."""
 
-    mode: Literal["inprocess", "accelerate"] = "inprocess"
-    num_processes: int = Field(1, ge=1)
+    mode: Literal["inprocess", "accelerate", "ray"] = Field(
+        "inprocess", description="inprocess; accelerate (an `accelerate launch` child); ray (a Ray Train job of "
+                                 "num_processes workers on the cluster of the `ray` section).")
+    num_processes: int = Field(1, ge=1, description="Training processes in all (mode ray: Ray Train workers).")
     num_machines: int = Field(1, ge=1)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     deepspeed_config: ShippedPath | None = Field(None, description="A DeepSpeed ZeRO JSON (see configs/deepspeed/).")
@@ -483,6 +506,7 @@ class FlywheelConfig(_Section):
     rloo: OnlineRLConfig = OnlineRLConfig()
     rs_sft: RSSFTConfig = RSSFTConfig()
     monitors: MonitorsConfig = MonitorsConfig()
+    ray: RayConfig = RayConfig()
 
     @field_validator("monitors", mode="before")
     @classmethod
@@ -517,6 +541,14 @@ class FlywheelConfig(_Section):
             raise ValueError("reward.weights gives 'coherent' a weight but reward.coherent is false")
         if not any(self.reward.weights.values()):
             raise ValueError("reward.weights: at least one signal needs a non-zero weight")
+        return self
+
+    @model_validator(mode="after")
+    def _anchor_n_needs_anchor(self) -> "FlywheelConfig":
+        """generate.anchor_n samples the anchor model: without an anchor it would be silently ignored."""
+        if self.generate.anchor_n is not None and self.pairs.anchor == "none":
+            raise ValueError(f"generate.anchor_n={self.generate.anchor_n} samples the anchor model's candidates, but "
+                             "pairs.anchor is 'none': set pairs.anchor=m1, or leave generate.anchor_n unset")
         return self
 
     @model_validator(mode="after")

@@ -171,7 +171,7 @@ def preflight(cfg: FlywheelConfig) -> None:
     tracking.check(cfg.train.report_to)  # transformers would fail at the first trainer, after hours of generation
     resolve_base(cfg.model.base)  # a missing package or file, or a GGUF this install cannot read: named here
     data = load_seed_data(cfg.seeds.path, cfg.seeds.format, max_chars=cfg.seeds.max_chars)
-    check_backend(cfg.generate)
+    check_backend(cfg.generate, cfg.ray)
     judge.check_judge(cfg)  # its template too: M1's EFT fills it even when the judge stage is off
     if cfg.meta_judge.enabled:
         meta_judge.check_meta_judge(cfg)

@@ -16,7 +16,7 @@ import time
 import traceback
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from . import timing
 from .backends import GenerationBackend, make_backend
@@ -156,6 +156,45 @@ def pending_batches(reg: Registry, stage: str, table: str, key: str, items: list
         log.info("%s: committed batch %d/%d (%d rows)", stage, b + 1, len(todo), len(ids))
 
 
+def run_batches(reg: Registry, stage: str, table: str, key: str, items: list, size: int,
+                ids_of: Callable[[list], list[str]], description: str, backend: Callable[[], GenerationBackend],
+                work: Callable[[GenerationBackend, int, list], Any]) -> Iterator[tuple[int, list, list[str], Any]]:
+    """`pending_batches` with each batch's work done: (index, batch, row ids, work(engine, index, batch)) for each
+    fixed-size batch of `items` whose rows are not all in `table` yet; the caller commits the batch's rows in one
+    transaction before asking for the next. `backend()` gives the generation backend; it is called only when some
+    batch is pending (a stage that crashed after its last commit loads no model).
+
+    In-process backends run the batches here, one after another. A RayBackend gets every pending batch at once and
+    runs `work` on its actors' engines, yielding batches as they finish: commits may come out of order, which resume
+    allows (a batch whose rows are all there is skipped, wherever it falls). So `work` is shipped to Ray workers: it
+    must use only its arguments and plain values captured from the stage, never the registry (`ray_data.ship`
+    refuses one). The registry is released while batches run, so readers can get in."""
+    from .backends.ray_data import RayBackend
+
+    todo = [items[i : i + size] for i in range(0, len(items), size)]
+    pending = {}
+    for b, batch in enumerate(todo):
+        ids = ids_of(batch)
+        if reg.existing(table, key, ids) != set(ids):  # else committed before a crash
+            pending[b] = ids
+    if not pending:
+        return
+    engine = backend()  # releases the registry before the model loads
+    if isinstance(engine, RayBackend):
+        results = engine.run(work, [(b, todo[b]) for b in pending])
+        for _, (b, result) in zip(progress(list(pending), description), results):
+            yield b, todo[b], pending[b], result
+            reg.release()
+            log.info("%s: committed batch %d/%d (%d rows)", stage, b + 1, len(todo), len(pending[b]))
+        next(results, None)  # none is left: lets the Ray Data job end
+        return
+    for b, batch in enumerate(progress(todo, description)):
+        if b in pending:
+            reg.release()
+            yield b, batch, pending[b], work(engine, b, batch)
+            log.info("%s: committed batch %d/%d (%d rows)", stage, b + 1, len(todo), len(pending[b]))
+
+
 def batch_seed(stage_run_id: str, batch_index: int, run_seed: int) -> int:
     return int(content_hash([stage_run_id, batch_index, run_seed], 8), 16)
 
@@ -167,7 +206,7 @@ def backend_for(cfg: FlywheelConfig, reg: Registry, model_id: str) -> Generation
 
     path = model_path(reg, model_id)  # its folder is there and its weights are those registered, or a clear error
     reg.release()
-    return make_backend(cfg.generate, path, resolve_device(cfg.run.device))
+    return make_backend(cfg.generate, path, resolve_device(cfg.run.device), ray=cfg.ray)
 
 
 def read_template(path, setting: str = "template") -> str:

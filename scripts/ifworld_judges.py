@@ -35,7 +35,7 @@ for label, overrides in [("prob judge_if", {}), ("prob judge_compact", {"templat
     if "template" in overrides:
         cfg = cfg.model_copy(update={"judge": cfg.judge.model_copy(update={"template": Path(overrides["template"]).resolve()})})
     t0 = time.time()
-    backend = make_backend(cfg.generate, m1p, "cpu")
+    backend = make_backend(cfg.generate, m1p, "cpu", ray=cfg.ray)
     tpl = read_judge_template(cfg.judge)
     flat = [(x, y, ref) for x, r, w, ref in items for y in (r, w)]
     args = flat if cfg.judge.mode == "verify" else [(x, y) for x, y, _ in flat]

@@ -9,6 +9,7 @@ import json
 import pytest
 
 from flywheel import pipeline
+from flywheel.analysis import report
 from flywheel.config import ConfigError, load_config
 from flywheel.registry import Registry
 from flywheel.stage import IterationState, StageContext, stage_run_id
@@ -40,7 +41,8 @@ def test_the_settings_default_to_off_and_bad_values_name_the_field():
                              (["generate.anchor_n=0"], ["  generate.anchor_n: ", "greater than or equal to 1"]),
                              (["generate.anchor_n=100000"], ["  generate.anchor_n: ", "512"]),
                              (["generate.anchor_n=true"], ["  generate.anchor_n: ", "true/false"]),
-                             (["pairs.anchors=m1"], ["  pairs.anchors: ", "unknown key"])):
+                             (["pairs.anchors=m1"], ["  pairs.anchors: ", "unknown key"]),
+                             (["generate.anchor_n=3"], ["generate.anchor_n=3", "pairs.anchor is 'none'"])):
         with pytest.raises(ConfigError) as e:
             load_config(None, overrides)
         assert all(w in str(e.value) for w in words), str(e.value)
@@ -82,7 +84,6 @@ def test_without_anchoring_the_stage_ids_are_those_of_a_config_without_the_setti
         return pipeline.GENERATE(ctx, state)[1].candidates, pipeline.PAIRS(ctx, state)[1].pairs
 
     assert ids([], 2, MT) == (old_generate(MT), old_pairs)
-    assert ids(["generate.anchor_n=3"], 2, MT) == (old_generate(MT), old_pairs)  # anchor_n alone anchors nothing
     assert ids(["pairs.anchor=m1"], 1, M1) == (old_generate(M1), old_pairs)      # iteration 1: M_t is M1
     anchored = ids(["pairs.anchor=m1"], 2, MT)
     assert anchored[0] != old_generate(MT) and anchored[1] != old_pairs
@@ -179,7 +180,8 @@ def _config(root, *overrides):
 
 def _candidates(root, sid):
     with Registry(root) as reg:
-        return reg.rows("SELECT candidate_id, prompt_id, sample_index, model_id, text, seed, sampling FROM candidates "
+        return reg.rows("SELECT candidate_id, prompt_id, sample_index, model_id, text, seed, sampling, num_tokens "
+                        "FROM candidates "
                         "WHERE stage_run_id = ? ORDER BY candidate_id", [sid])
 
 
@@ -217,6 +219,10 @@ def test_an_anchored_iteration_2_samples_both_models_and_pairs_m_t_over_m1(tmp_p
         assert json.loads(p["signals"])["anchor"] == M1
     s = results["pairs"].stats
     assert s["anchored"] == s["pairs"] == len(pairs) and s["anchor"] == M1
+    with Registry(tmp_path) as reg:  # the report's candidate figures are M_t's; M1's are counted apart
+        figures = report._candidates(reg, state.candidates, MT)
+    assert (figures["candidates"], figures["anchor_candidates"]) == (8, 12)
+    assert figures["mean_tokens"] == sum(c["num_tokens"] for c in cands if c["model_id"] == MT) / 8
 
 
 def test_iteration_1_is_unchanged_by_anchoring(tmp_path, models):

@@ -112,3 +112,9 @@ def test_serve_load():  # the script exits non-zero on any 5xx, or when a phase 
     baseline, abused = table["baseline: normal clients alone"], table["under abuse"]
     assert baseline[4] == "1.00x" and times(abused[4]) > 0
     assert int(abused[0]) > int(baseline[0])  # the abusive requests were sent, and answered (no 5xx: checked above)
+
+
+def test_browse_load():  # `flywheel browse` as a real subprocess over a registry built with SQL
+    table = by_first(run_bench("browse_load", "--smoke"))
+    assert {"one pair", "text search"} <= set(table), table
+    assert all(float(v[0]) > 0 for k, v in table.items() if k != "page")

@@ -16,10 +16,8 @@ cannot write a verdict, and the judge stage runs all the same.
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +28,7 @@ from flywheel.config import FlywheelConfig, load_config
 from flywheel.registry import Registry
 from tests.helpers.compare import _ledger, _rows, check_registry
 from tests.helpers.models import tiny_overrides
+from tests.helpers.processes import kill_at_marker
 
 pytestmark = pytest.mark.slow  # real runs in subprocesses, killed and resumed
 
@@ -95,21 +94,7 @@ def run_child_until(point: str, marker: str, overrides: list[str]) -> str:
     """Start the child, read its stderr until `marker` appears, kill -9 it there; returns what it wrote."""
     child = subprocess.Popen([sys.executable, "-c", CHILD, point, *overrides], stdin=subprocess.PIPE,
                              stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, cwd=REPO)
-    watchdog = threading.Timer(300, child.kill)  # a child that never reaches the marker must not hang the suite
-    watchdog.start()
-    seen = b""
-    try:
-        while marker.encode() not in seen:
-            chunk = os.read(child.stderr.fileno(), 65536)
-            assert chunk, f"the child ended before {marker!r}:\n{seen.decode(errors='replace')[-3000:]}"
-            seen += chunk
-        child.send_signal(signal.SIGKILL)
-        child.wait(timeout=60)
-    finally:
-        watchdog.cancel()
-        child.kill()
-    assert child.returncode == -signal.SIGKILL, seen.decode(errors="replace")[-3000:]
-    return seen.decode(errors="replace")
+    return kill_at_marker(child, marker)
 
 
 # --- the reference run and what is compared ---------------------------------------------------------------------

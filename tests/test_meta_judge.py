@@ -11,6 +11,7 @@ import pytest
 import flywheel.stages.meta_judge as meta_stage
 import flywheel.training.dpo as dpo
 from flywheel import pipeline
+from flywheel.analysis import report
 from flywheel.backends import Generation, release_backends
 from flywheel.config import ConfigError, content_hash, load_config
 from flywheel.registry import Registry
@@ -105,6 +106,12 @@ def test_parse_verdict_reads_the_last_better_line_or_a_bare_letter(text, found):
 
 
 # --- the stage --------------------------------------------------------------------------------------------------------
+def _empty_iteration() -> dict:
+    """An iteration's figures as the report holds them when no stage wrote anything."""
+    return {"prompts_made": None, "judge_samples": None, "margin": None, "unpaired": {}, "distinct_1": None,
+            "rewards": {}, "training": {}}
+
+
 def test_pairs_come_from_contrasting_samples_whose_two_verdicts_agree(tmp_path, monkeypatch):
     cfg = _config(tmp_path)
     _registry(tmp_path)
@@ -122,6 +129,12 @@ def test_pairs_come_from_contrasting_samples_whose_two_verdicts_agree(tmp_path, 
     s = result.stats
     assert (s["contrasts"], s["verdicts"], s["parse_failures"], s["judge_pairs"], s["position_bias"],
             s["higher_preferred"]) == (4, 8, 1, 2, 1, 1)
+    with Registry(cfg.registry.root) as reg:  # the report shows the same figures
+        figures = report._meta_judge(reg, result.stage_run_id)["meta_judge"]
+        assert report._meta_judge(reg, None) == {}
+    assert figures == {k: s[k] for k in figures}
+    line = next(x for x in report.detail_lines({**_empty_iteration(), "meta_judge": figures}) if "meta-judge" in x)
+    assert "4 candidates with contrasting judgments, 8 verdicts (1 unparsed), 2 judge-preference pairs" in line
 
     with Registry(cfg.registry.root) as reg:
         vid = stage_version(reg, result.stage_run_id, "judge_pairs")

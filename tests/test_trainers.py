@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from flywheel.backends.models import load, save_atomically
 from flywheel.config import OnlineRLConfig, load_config
-from flywheel.registry import Registry, now
+from flywheel.registry import Registry
 from flywheel.stage import IterationState, StageContext
 from flywheel.stages.pairs import build_pairs
 from flywheel.training.dpo import train_dpo
@@ -22,7 +22,7 @@ from flywheel.training.loops import grpo_train, rloo_train
 from flywheel.training.online import train_grpo, train_rloo
 from flywheel.training.sft import best_of_n, train_rs_sft
 from tests.helpers.models import save_random_tiny_model, tiny_model
-from tests.helpers.registry import candidate_row, judgment_row, prompt_row
+from tests.helpers.registry import register_arithmetic
 
 JUDGE_SID = "judge-t"
 PROMPTS_SID = "si-t"
@@ -56,20 +56,8 @@ def _config(tmp_path, *overrides):
 
 
 def _registry(cfg, models) -> None:
-    """M1 and M2 registered; prompts (with references), 3 candidates each and their judge samples."""
-    common = dict(run_id="r", config_hash="h", created_at=now())
-    with Registry(cfg.registry.root) as reg:
-        for name, path in models.items():
-            reg.register_model(model_id=name, name=name.upper(), kind="sft", iteration=0, parent_id=None,
-                               path=str(path), stage_run_id=f"sft-{name}", metrics={}, **common)
-        for i, (p, cands) in enumerate(SCORES.items()):
-            reg.insert("prompts", [prompt_row(p, f"What is {i} plus {i}?", PROMPTS_SID, reference=str(2 * i),
-                                              model_id="m1")])
-            for c, samples in cands.items():
-                reg.insert("candidates", [candidate_row(c, p, f"The answer to {i} plus {i} is {c}.", "gen",
-                                                        num_tokens=8, model_id="m1")])
-                reg.insert("judgments", [judgment_row(c, k, s, JUDGE_SID, judge_model_id="m1")
-                                         for k, s in enumerate(samples)])
+    """M1 (and M2) registered; prompts (with references), 3 candidates each and their judge samples."""
+    register_arithmetic(cfg.registry.root, models, SCORES, JUDGE_SID, PROMPTS_SID)
 
 
 def _model_row(cfg, model_id):

@@ -164,7 +164,8 @@ def judge_ranked(cfg: FlywheelConfig, ranked: list[RankedPrompt], model_path: st
                 todo.append((out[-1], (p.instruction, reply.text)))
     if not todo:
         return out
-    backend = make_backend(cfg.generate, str(model_path), device or resolve_device(cfg.run.device))
+    backend = make_backend(cfg.generate, str(model_path), device or resolve_device(cfg.run.device),
+                           ray=cfg.ray)
     batches = [todo[i : i + c.batch_size] for i in range(0, len(todo), c.batch_size)]
     for b, batch in enumerate(progress(batches, "judging ranked replies")):
         seed = int(content_hash(["eval-judge", b, cfg.run.seed], 8), 16)

@@ -29,7 +29,6 @@ the test set and the scoring settings, so an interrupted experiment resumes wher
 from __future__ import annotations
 
 import json
-import random
 import statistics
 import time
 from pathlib import Path
@@ -131,7 +130,7 @@ def score_model(cfg: FlywheelConfig, model_path: str, test: list[dict], ev: Eval
     from ..stages.judge import read_judge_template, verdicts
 
     task = task or SortTask(None)
-    backend = make_backend(cfg.generate, model_path, resolve_device(cfg.run.device))
+    backend = make_backend(cfg.generate, model_path, resolve_device(cfg.run.device), ray=cfg.ray)
     greedy = SamplingParams(n=1, temperature=0.0, max_new_tokens=ev.max_new_tokens)
     answers = []
     for i in range(0, len(test), ev.batch_size):

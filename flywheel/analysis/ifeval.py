@@ -350,7 +350,7 @@ def generate_responses(cfg, model_path: str, prompts: list[str], max_new_tokens:
     from ..progress import progress
 
     apply_threads(cfg.run.threads)
-    backend = make_backend(cfg.generate, model_path, resolve_device(cfg.run.device))
+    backend = make_backend(cfg.generate, model_path, resolve_device(cfg.run.device), ray=cfg.ray)
     greedy = SamplingParams(n=1, temperature=0.0, max_new_tokens=max_new_tokens)
     batches = [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
     out = []

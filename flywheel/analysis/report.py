@@ -178,10 +178,16 @@ def _prompts(reg: Registry, sid: str | None) -> dict:
             "prompts_dropped": by}
 
 
-def _candidates(reg: Registry, sid: str | None) -> dict:
-    rows = reg.rows("SELECT text, num_tokens FROM candidates WHERE stage_run_id = ? ORDER BY candidate_id", [sid])
+def _candidates(reg: Registry, sid: str | None, model_in: str | None) -> dict:
+    """M_t's candidates: count, length, diversity. With temporal anchoring the stage also holds the anchor model's
+    (M1's) candidates: counted apart (`anchor_candidates`), and kept out of M_t's figures."""
+    rows = reg.rows("SELECT text, num_tokens, model_id FROM candidates WHERE stage_run_id = ? ORDER BY candidate_id",
+                    [sid])
+    anchored = [c for c in rows if model_in is not None and c["model_id"] != model_in]
+    rows = [c for c in rows if model_in is None or c["model_id"] == model_in]
     texts = [c["text"] for c in rows]
-    return {"candidates": len(rows) if sid else None, "mean_tokens": _mean([c["num_tokens"] for c in rows]),
+    return {"candidates": len(rows) if sid else None, "anchor_candidates": len(anchored),
+            "mean_tokens": _mean([c["num_tokens"] for c in rows]),
             "mean_words": _mean([len(t.split()) for t in texts]),
             "distinct_1": _distinct(texts, 1), "distinct_2": _distinct(texts, 2)}
 
@@ -283,11 +289,43 @@ def _models(reg: Registry, run_id: str, t: int, sids: dict[str, str]) -> dict:
             "training": training, "train_loss": training.get("train_loss")}
 
 
+def _model_in(reg: Registry, run_id: str, t: int) -> str | None:
+    row = reg.rows("SELECT model_in FROM iterations WHERE run_id = ? AND iteration = ?", [run_id, t])
+    return row[0]["model_in"] if row else None
+
+
+def _meta_judge(reg: Registry, sid: str | None) -> dict:
+    """The meta-judge's figures (its ledger stats: contrasts, verdicts, parse failures, judge pairs, position bias),
+    or {} when it did not run in the iteration."""
+    row = reg.rows("SELECT stats FROM stage_runs WHERE stage_run_id = ? AND status = 'done'", [sid]) if sid else []
+    stats = json.loads(row[0]["stats"] or "{}") if row else {}
+    keys = ("contrasts", "verdicts", "parse_failures", "judge_pairs", "position_bias", "higher_preferred")
+    return {"meta_judge": {k: stats.get(k) for k in keys}} if stats else {}
+
+
+def human_agreement(reg: Registry, pairs_sid: str | None) -> dict:
+    """Judge vs human, from the review labels of `flywheel browse` on the iteration's pairs (each person's latest
+    label of a pair): {"human_labels": {agree, disagree, flag}, "human_agreement": the share of agree among agree +
+    disagree}, or {} when nobody labelled any."""
+    has = reg.scalar("SELECT count(*) FROM information_schema.tables WHERE table_name = 'pair_labels'")
+    rows = reg.rows(
+        "SELECT label, count(*) AS n FROM (SELECT l.label FROM pair_labels l JOIN pairs p USING (pair_id) "
+        "WHERE p.stage_run_id = ? QUALIFY row_number() OVER (PARTITION BY l.pair_id, l.who "
+        "ORDER BY l.created_at DESC, l.label_id DESC) = 1) GROUP BY label", [pairs_sid]) if has and pairs_sid else []
+    counts = {k: 0 for k in ("agree", "disagree", "flag")} | {r["label"]: r["n"] for r in rows}
+    judged = counts["agree"] + counts["disagree"]
+    return {"human_labels": counts, "human_agreement": round(counts["agree"] / judged, 4) if judged else None} \
+        if rows else {}
+
+
 def _iteration(reg: Registry, run_id: str, t: int, sids: dict[str, str]) -> dict:
     judge, means = _judge(reg, sids.get("judge"))
     return {"iteration": t, "stages": sorted(sids), **_models(reg, run_id, t, sids),
-            **_prompts(reg, sids.get("self_instruct")), **_candidates(reg, sids.get("generate")), **judge,
+            **_prompts(reg, sids.get("self_instruct")),
+            **_candidates(reg, sids.get("generate"), _model_in(reg, run_id, t)), **judge,
             **_rewards(reg, run_id, t, sids.get("generate"), means), **_pairs(reg, sids.get("pairs")),
+            **_meta_judge(reg, sids.get("meta_judge")),
+            **human_agreement(reg, sids.get("pairs")),
             "examples": example_pairs(reg, sids.get("pairs"), sids.get("judge"))}
 
 
@@ -334,11 +372,24 @@ def detail_lines(it: dict) -> list[str]:
     if it["prompts_made"] is not None:
         dropped = ", ".join(f"{k} {v}" for k, v in it["prompts_dropped"].items()) or "none"
         lines.append(f"prompts: {it['prompts_made']} made, {it['prompts_kept']} kept; dropped: {dropped}")
+    if it.get("anchor_candidates"):
+        lines.append(f"candidates: {it['candidates']} from {it['model_in']} (the figures above), "
+                     f"{it['anchor_candidates']} from the anchor model (the pairs' rejected side)")
     if it["judge_samples"] is not None:
         errs = ", ".join(f"{k} {v}" for k, v in it["parse_errors"].items()) or "none"
         scores = ", ".join(f"{k}: {v}" for k, v in it["sample_score_counts"].items()) or "none"
         lines.append(f"judge: {it['judge_samples']} samples, {it['scored_candidates']} candidates scored; "
                      f"parse failures: {errs}; sample scores {scores}")
+    if it.get("meta_judge"):
+        mj = it["meta_judge"]
+        lines.append(f"meta-judge: {mj['contrasts']} candidates with contrasting judgments, {mj['verdicts']} "
+                     f"verdicts ({mj['parse_failures']} unparsed), {mj['judge_pairs']} judge-preference pairs (the "
+                     f"higher-scored judgment preferred in {mj['higher_preferred']}); {mj['position_bias']} "
+                     "candidates whose verdict flipped with the order")
+    if it.get("human_labels"):
+        h, share = it["human_labels"], it["human_agreement"]
+        lines.append(f"human review (`flywheel browse`): agreed with the judge on {_fmt(share, '{:.0%}')} of "
+                     f"{h['agree'] + h['disagree']} labelled pairs; {h['flag']} flagged")
     if it["margin"]:
         m = it["margin"]
         lines.append(f"pair margins: min {m['min']:.2f}, p10 {m['p10']:.2f}, median {m['median']:.2f}, "

@@ -10,6 +10,8 @@ Stages never touch a model's generate() directly. `generate.backend` picks one o
 - `vllm`: offline `vllm.LLM` in this process (CUDA only; `pip install -e ".[vllm]"`);
 - `openai`: HTTP to any OpenAI-compatible server (vLLM serve, SGLang, TGI, a hosted API, `flywheel serve`), with a
   concurrency limit, retries with exponential backoff, and the API key read from the environment (never logged).
+- `ray`: a pool of actors on a Ray cluster, each running the transformers or vLLM engine (the `ray` section;
+  flywheel/backends/ray_data.py, `pip install -e ".[ray]"`).
 
 Backends that cannot run on this machine are imported lazily inside their own class, so the library imports without
 them. One backend stays loaded between stages (see `make_backend`).
@@ -424,19 +426,41 @@ def _no_vllm(e: Exception) -> ConfigError:
         "server")
 
 
-def check_backend(gen) -> None:
-    """Fail before a run starts when the configured backend cannot run here (vllm not installed); loads nothing."""
-    if gen.backend == "vllm":
-        import importlib.util
+def check_backend(gen, ray=None) -> None:
+    """Fail before a run starts when the configured backend cannot run here (vllm not installed; for ray: ray not
+    installed, the vllm engine without vllm, or nothing answering at the cluster's address); loads nothing.
+    `ray`: the config's `ray` section (RayConfig), needed for generate.backend=ray."""
+    import importlib.util
 
-        if importlib.util.find_spec("vllm") is None:
-            raise _no_vllm(ModuleNotFoundError("No module named 'vllm'"))
+    needs_vllm = gen.backend == "vllm"
+    if gen.backend == "ray":
+        from .ray_data import cluster_address, import_ray, probe
+
+        if ray is None:
+            raise ValueError("check_backend(gen, ray=cfg.ray): generate.backend=ray needs the config's ray section")
+        import_ray()
+        needs_vllm = ray.engine == "vllm"
+        address, setting = cluster_address(ray)
+        if address:
+            probe(address, setting)
+    if needs_vllm and importlib.util.find_spec("vllm") is None:
+        raise _no_vllm(ModuleNotFoundError("No module named 'vllm'"))
+
+
+def _ray_backend(gen, path, device, ray):
+    from .ray_data import RayBackend
+
+    if ray is None:
+        raise ValueError("make_backend(gen, path, device, ray=cfg.ray): generate.backend=ray needs the config's ray "
+                         "section")
+    return RayBackend(path, ray, gen.vllm)
 
 
 BACKENDS = {
-    "transformers": lambda gen, path, device: TransformersBackend(path, device),
-    "vllm": lambda gen, path, device: VLLMBackend(path, gen.vllm),
-    "openai": lambda gen, path, device: OpenAIBackend(path, gen.openai),
+    "transformers": lambda gen, path, device, ray: TransformersBackend(path, device),
+    "vllm": lambda gen, path, device, ray: VLLMBackend(path, gen.vllm),
+    "openai": lambda gen, path, device, ray: OpenAIBackend(path, gen.openai),
+    "ray": _ray_backend,  # where the engine runs (the actors) is the ray section's business, not `device`
 }
 
 # One backend kept loaded between stages: self-instruct, generate and judge all use M_t, so M_t loads once per
@@ -444,18 +468,21 @@ BACKENDS = {
 _loaded: tuple[tuple, GenerationBackend] | None = None
 
 
-def make_backend(gen, model_path: str, device: str) -> GenerationBackend:
+def make_backend(gen, model_path: str, device: str, ray=None) -> GenerationBackend:
     """The backend `gen.backend` on `model_path`, reused while (backend, its options, model, device) stay the same.
-    `gen` is the config's `generate` section (GenerateConfig)."""
+    `gen` is the config's `generate` section (GenerateConfig); `ray` its `ray` section (RayConfig), which
+    generate.backend=ray needs (its settings and, for the vllm engine, generate.vllm's are the options)."""
     global _loaded
     name = gen.backend
     if name not in BACKENDS:
         raise ValueError(f"unknown generation backend {name!r}; available: {', '.join(BACKENDS)}")
     options = getattr(gen, name).model_dump(mode="json") if name in ("vllm", "openai") else None
+    if name == "ray" and ray is not None:
+        options = {"ray": ray.model_dump(mode="json"), "vllm": gen.vllm.model_dump(mode="json")}
     key = (name, content_hash(options), str(model_path), device)
     if _loaded is None or _loaded[0] != key:
         release_backends()
-        _loaded = (key, BACKENDS[name](gen, model_path, device))
+        _loaded = (key, BACKENDS[name](gen, model_path, device, ray))
     return _loaded[1]
 
 

@@ -25,7 +25,7 @@ from ..config import ConfigError, FlywheelConfig, load_config
 console = Console()
 
 # Modules in the order `flywheel --help` lists them.
-COMMANDS = ["run", "resume", "report", "datasets", "verify", "lineage", "schedule", "serve", "eval", "experiment"]
+COMMANDS = ["run", "resume", "report", "datasets", "verify", "lineage", "schedule", "serve", "eval", "experiment", "browse"]
 
 
 def add_config_args(p: argparse.ArgumentParser) -> None:

@@ -18,6 +18,7 @@ def run_id_for(cfg: FlywheelConfig) -> str:
     data.pop("monitors", None)  # thresholds judge a run; they do not change it
     data["run"].pop("threads", None)  # how fast, not what
     data["train"].pop("report_to", None)  # where the figures are also sent, not what
+    data.pop("ray", None)  # which cluster and how many workers: where, not what
     return f"{cfg.run.name}-{content_hash(data, 8)}"
 
 

@@ -238,6 +238,14 @@ CREATE TABLE IF NOT EXISTS eval_items (          -- one row per prompt of an eva
     errors        VARCHAR[],                   -- checkers that raised (counted as not followed)
     PRIMARY KEY (eval_id, item_index)
 );
+CREATE TABLE IF NOT EXISTS pair_labels (         -- a person's review of a pair (`flywheel browse`); every label is kept
+    label_id      VARCHAR PRIMARY KEY,         -- random (uuid4 hex)
+    pair_id       VARCHAR NOT NULL,
+    label         VARCHAR NOT NULL,            -- agree | disagree | flag (agree: the chosen text is the better one)
+    note          VARCHAR,
+    who           VARCHAR NOT NULL,            -- the name given, else the OS user of the browse process
+    created_at    TIMESTAMPTZ NOT NULL
+);
 """
 
 

@@ -1,8 +1,12 @@
 """Generate: M_t samples N candidate responses for every prompt kept by self-instruct.
 
 Candidate ids hash (stage run, prompt, sample index); prompts go to the backend in fixed batches with one seed per
-batch, and each batch is committed as it finishes, so a killed stage resumes at the first missing batch and a
-finished one loads no model at all. Sampling parameters, backend, model and seed are stored with every candidate.
+batch, and each batch is committed as it finishes, so a killed stage resumes at its missing batches and a finished
+one loads no model at all. Sampling parameters, backend, model and seed are stored with every candidate.
+
+`generate.backend: ray` runs the batches on a Ray actor pool (`run_batches`; committed in the order they finish)
+with the engine `ray.engine`: the stage id hashes that engine's name instead of "ray", so the stage, its seeds and its
+candidates are those of the in-process backend (rows say backend "ray").
 
 With temporal anchoring (`pairs.anchor: m1`, from iteration 2: `anchor_id` is M1) the same stage run also holds
 `generate.anchor_n` candidates per prompt sampled from the anchor model, the pairs' rejected side: their rows carry
@@ -16,7 +20,7 @@ from ..backends import SamplingParams
 from ..config import FlywheelConfig, content_hash
 from ..registry import Registry, now
 from ..registry.reads import kept_prompts
-from ..stage import StageResult, backend_for, batch_seed, pending_batches, run_stage
+from ..stage import StageResult, backend_for, batch_seed, run_batches, run_stage
 
 
 def generate(cfg: FlywheelConfig, run_id: str, iteration: int, model_id: str, prompts_sid: str,
@@ -24,8 +28,10 @@ def generate(cfg: FlywheelConfig, run_id: str, iteration: int, model_id: str, pr
     """`anchor_id`: the model whose candidates are also sampled (`generate.anchor_n` per prompt), or None."""
     c = cfg.generate
     anchor_n = c.n if c.anchor_n is None else c.anchor_n
-    inputs = {"model": model_id, "prompts": prompts_sid, "cfg": c.model_dump(mode="json", exclude={"anchor_n"}),
-              "seed": cfg.run.seed}
+    section = c.model_dump(mode="json", exclude={"anchor_n"})
+    if c.backend == "ray":  # where the engine runs is not what it makes: the same id (and seeds) as in-process
+        section["backend"] = cfg.ray.engine
+    inputs = {"model": model_id, "prompts": prompts_sid, "cfg": section, "seed": cfg.run.seed}
     if anchor_id is not None:
         inputs["anchor"] = {"model": anchor_id, "n": anchor_n}
 
@@ -44,10 +50,15 @@ def generate(cfg: FlywheelConfig, run_id: str, iteration: int, model_id: str, pr
             def ids_of(batch: list, first=first, n=n) -> list[str]:
                 return [f"c-{content_hash([sid, p['prompt_id'], j])}" for p in batch for j in range(first, first + n)]
 
-            for b, batch, ids in pending_batches(reg, "generate", "candidates", "candidate_id", prompts, c.batch_size,
-                                                 ids_of, label):
+            def sample(engine, b: int, batch: list, params=params, first_batch=first_batch, run_seed=cfg.run.seed):
+                """A batch's candidates; runs where the engine is (a Ray worker too): no registry in here."""
+                return engine.generate([p["prompt"] for p in batch], params, chat=True,
+                                       seed=batch_seed(sid, first_batch + b, run_seed))
+
+            for b, batch, ids, outs in run_batches(reg, "generate", "candidates", "candidate_id", prompts,
+                                                   c.batch_size, ids_of, label,
+                                                   lambda model=model: backend_for(cfg, reg, model), sample):
                 seed = batch_seed(sid, first_batch + b, cfg.run.seed)
-                outs = backend_for(cfg, reg, model).generate([p["prompt"] for p in batch], params, seed=seed, chat=True)
                 samples = [(p, first + j, g) for p, gens in zip(batch, outs) for j, g in enumerate(gens)]
                 reg.insert("candidates", [
                     dict(candidate_id=cid, prompt_id=p["prompt_id"], sample_index=j, text=g.text,

@@ -4,13 +4,13 @@ Every sample is stored with its raw text. The score is parsed from the judge's o
 with no valid verdict is stored with score NULL and the reason, counted in the stage's stats, and left out of the
 candidate's average. A candidate with no valid sample gets no average and so takes no part in a pair.
 
-With `judge.mode: prob` (transformers backend) each candidate gets one row instead: one forward pass with the reply
+With `judge.mode: prob` (transformers backend, or ray with the transformers engine) each candidate gets one row instead: one forward pass with the reply
 begun as "Score:", and the expected score over the probabilities of "0".."5" coming next (`prob_verdict`; a digit
 after a space token counts too, see `TransformersBackend.choice_probs`). Its raw text is those probabilities,
 renormalised, and their raw mass; when the mass is under MIN_PROB_MASS the model was not about to write a score at
 all, and the row is a parse failure ("low_prob_mass") like any other.
 
-With `judge.mode: verify` (transformers backend) the judge answers one yes/no question per requirement of the prompt
+With `judge.mode: verify` (the same backends) the judge answers one yes/no question per requirement of the prompt
 instead of scoring it whole: `judge.checklist` ("module:function", called with the prompt and its `reference`) gives
 the requirement texts (none: one generic requirement), `judge.verify_template` (`prompts/verify.txt`) asks the
 question, and one forward pass with the reply begun as "Answer:" gives P(yes) / (P(yes) + P(no)) for each ("yes" and
@@ -37,7 +37,7 @@ from pathlib import Path
 from ..backends import GenerationBackend, SamplingParams
 from ..config import ConfigError, FlywheelConfig, JudgeConfig, check_template, content_hash
 from ..registry import Registry, now
-from ..stage import StageResult, backend_for, batch_seed, load_template, pending_batches, read_template, run_stage
+from ..stage import StageResult, backend_for, batch_seed, load_template, read_template, run_batches, run_stage
 from .score_parser import parse_score
 
 PROB_PREFIX = "Score:"  # the reply's start in prob mode; the next token is the verdict
@@ -80,10 +80,12 @@ def check_judge(cfg: FlywheelConfig) -> None:
     verify mode also when the verify template is not exactly {instruction}, {response} and {requirement}, or
     judge.checklist names no function. Reads the templates and imports the checklist's module, loads no model."""
     c = cfg.judge
-    if c.mode in ("prob", "verify") and cfg.generate.backend != "transformers":
+    engine = cfg.ray.engine if cfg.generate.backend == "ray" else cfg.generate.backend
+    if c.mode in ("prob", "verify") and engine != "transformers":
+        got = f"ray with ray.engine={engine}" if cfg.generate.backend == "ray" else engine
         raise ConfigError(f"judge.mode={c.mode} needs next-token probabilities, which only generate.backend="
-                          f"transformers gives (got {cfg.generate.backend}): set generate.backend=transformers, or "
-                          "judge.mode=sample")
+                          f"transformers (or ray with ray.engine=transformers) gives (got {got}): set "
+                          "generate.backend=transformers, or judge.mode=sample")
     check_template(read_template(c.template, "judge.template"), "judge.template", c.template, TEMPLATE_FIELDS)
     if c.mode == "verify":
         path = c.verify_template
@@ -292,11 +294,14 @@ def judge(cfg: FlywheelConfig, run_id: str, iteration: int, model_id: str, candi
         def ids_of(batch: list) -> list[str]:
             return [f"j-{content_hash([sid, x['candidate_id'], k])}" for x in batch for k in range(per_candidate)]
 
-        for b, batch, ids in pending_batches(reg, "judge", "judgments", "judgment_id", cands, c.batch_size, ids_of,
-                                             f"judge (iteration {iteration})"):
-            found = verdicts(backend_for(cfg, reg, model_id), template,
-                             [(x["instruction"], x["response"], x["reference"]) for x in batch], c,
-                             batch_seed(sid, b, cfg.run.seed))
+        def judge_batch(engine, b: int, batch: list, run_seed=cfg.run.seed) -> list[Verdicts]:
+            """A batch's verdicts; runs where the engine is (a Ray worker too): no registry in here."""
+            return verdicts(engine, template, [(x["instruction"], x["response"], x["reference"]) for x in batch], c,
+                            batch_seed(sid, b, run_seed))
+
+        for b, batch, ids, found in run_batches(reg, "judge", "judgments", "judgment_id", cands, c.batch_size, ids_of,
+                                                f"judge (iteration {iteration})",
+                                                lambda: backend_for(cfg, reg, model_id), judge_batch):
             samples = [(x, k, *s) for x, v in zip(batch, found) for k, s in enumerate(zip(v.raw, v.scores, v.errors))]
             reg.insert("judgments", [dict(judgment_id=jid, candidate_id=x["candidate_id"], sample_index=k, raw_text=raw,
                                           score=score, parse_error=error, created_at=now(), **common)

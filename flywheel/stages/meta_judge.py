@@ -13,7 +13,7 @@ judge's by it, by their template (registered as "meta_judge") and by sampling.mo
 candidate whose judgments were compared, sample_index 0 the order higher-first and 1 lower-first, raw_text the
 verdict, score 1.0 when it preferred the higher-scored judgment and 0.0 when the lower (NULL and parse_error when it
 gave none), sampling.shown the ids of the judgments shown as A and B. So the stage resumes batch by batch as the judge
-does (`pending_batches`), and its dataset version "judge_pairs" (TRL's preference format plus candidate_id, the two
+does (`run_batches`), and its dataset version "judge_pairs" (TRL's preference format plus candidate_id, the two
 judgment ids and both verdict texts) is frozen from those rows by SQL (flywheel/registry/datasets.py), which
 `restore_version` can rebuild. DPO trains on it beside the actor pairs (flywheel/training/dpo.py).
 """
@@ -25,7 +25,7 @@ import re
 from ..backends import SamplingParams
 from ..config import ConfigError, FlywheelConfig, check_template, content_hash
 from ..registry import Registry, now
-from ..stage import StageResult, backend_for, batch_seed, load_template, pending_batches, read_template, run_stage
+from ..stage import StageResult, backend_for, batch_seed, load_template, read_template, run_batches, run_stage
 
 FIELDS = ("instruction", "response", "judgment_a", "judgment_b")  # what the meta-judge template is filled with
 # "Better: A" (also "Better judgment: B", "Winner = A", "Verdict: **B**"), the last one in the reply; or a bare letter
@@ -96,14 +96,21 @@ def meta_judge(cfg: FlywheelConfig, run_id: str, iteration: int, model_id: str, 
         def ids_of(batch: list) -> list[str]:
             return [f"mj-{content_hash([sid, x['candidate_id'], k])}" for x in batch for k in (0, 1)]
 
-        for b, batch, ids in pending_batches(reg, "meta_judge", "judgments", "judgment_id", items, c.batch_size,
-                                             ids_of, f"meta-judge (iteration {iteration})"):
-            shown = [(x, k, *((x["higher"], x["lower"]) if k == 0 else (x["lower"], x["higher"])))
-                     for x in batch for k in (0, 1)]
+        def shown_of(batch: list) -> list[tuple]:
+            """(item, order, judgment shown as A, as B): the higher-scored first (order 0), then second (order 1)."""
+            return [(x, k, *((x["higher"], x["lower"]) if k == 0 else (x["lower"], x["higher"])))
+                    for x in batch for k in (0, 1)]
+
+        def compare(engine, b: int, batch: list, run_seed=cfg.run.seed):
+            """A batch's verdicts; runs where the engine is (a Ray worker too): no registry in here."""
             texts = [template.format(instruction=x["instruction"], response=x["response"], judgment_a=first["text"],
-                                     judgment_b=second["text"]) for x, _, first, second in shown]
-            gens = backend_for(cfg, reg, model_id).generate(texts, params, seed=batch_seed(sid, b, cfg.run.seed),
-                                                            chat=True)
+                                     judgment_b=second["text"]) for x, _, first, second in shown_of(batch)]
+            return engine.generate(texts, params, seed=batch_seed(sid, b, run_seed), chat=True)
+
+        for b, batch, ids, gens in run_batches(reg, "meta_judge", "judgments", "judgment_id", items, c.batch_size,
+                                               ids_of, f"meta-judge (iteration {iteration})",
+                                               lambda: backend_for(cfg, reg, model_id), compare):
+            shown = shown_of(batch)
             rows = []
             for jid, (x, k, first, second), g in zip(ids, shown, gens):
                 letter, error = parse_verdict(g[0].text)

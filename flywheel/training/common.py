@@ -8,8 +8,9 @@ dataset version, train config and metrics. A finished stage whose model folder h
 after `flywheel verify` found it altered) trains it again under the same id (`integrity.reopen_if_missing`).
 
 `run_job` runs in this process (`train.launch.mode: inprocess`) or in a child started by `accelerate launch`
-(`accelerate`: see launch.py), which then also frees the GPU memory when training ends. The child never opens the
-registry: DuckDB allows one writing process, and under several GPU processes only the parent may.
+(`accelerate`: see launch.py), which then also frees the GPU memory when training ends, or in the workers of a Ray
+Train job (`ray`: launch.py too). Neither opens the registry: DuckDB allows one writing process, and under several
+GPU processes only the parent may.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from ..registry.integrity import accept_model, reopen_if_missing
 from ..stage import StageContext, StageResult, run_stage, stage_run_id
 from ..tracking import training
 from .job import Fit, NoTrainingDataError, Trainer, TrainJob
-from .launch import run_accelerate
+from .launch import run_accelerate, run_ray
 
 
 def train_stage(ctx: StageContext, trainer: Trainer, model_id: str, inputs: dict,
@@ -46,6 +47,8 @@ def train_stage(ctx: StageContext, trainer: Trainer, model_id: str, inputs: dict
             job.tracking = tracking
             if cfg.train.launch.mode == "accelerate":
                 metrics = run_accelerate(cfg, job, reg.root / "jobs" / sid)
+            elif cfg.train.launch.mode == "ray":
+                metrics = run_ray(cfg, job, reg.root / "jobs" / sid)
             else:
                 metrics = run_job(cfg, job, trainer.fit)
         setting, value = learning_rate_setting(cfg, trainer, iteration)

@@ -173,3 +173,22 @@ def _iteration(reg: Registry, run_id: str, t: int, model_in: str, *, tokens: Cal
                        path=f"/{out}", stage_run_id=out, config_hash="h", metrics={"train_loss": loss, "steps": 3})
     reg.finish_iteration(run_id, t, out)
     return out
+
+
+def register_arithmetic(root, models: dict, scores: dict[str, dict[str, list]], judge_sid: str,
+                        prompts_sid: str = "si-t") -> None:
+    """Trainer tests' registry: the `models` ({id: folder}) registered as SFT models; per prompt of `scores` ("What
+    is i plus i?", reference 2i), its candidates (by M1) and their judge samples under `judge_sid`."""
+    common = dict(run_id="r", config_hash="h", created_at=now())
+    with Registry(root) as reg:
+        for name, path in models.items():
+            reg.register_model(model_id=name, name=name.upper(), kind="sft", iteration=0, parent_id=None,
+                               path=str(path), stage_run_id=f"sft-{name}", metrics={}, **common)
+        for i, (p, cands) in enumerate(scores.items()):
+            reg.insert("prompts", [prompt_row(p, f"What is {i} plus {i}?", prompts_sid, reference=str(2 * i),
+                                              model_id="m1")])
+            for c, samples in cands.items():
+                reg.insert("candidates", [candidate_row(c, p, f"The answer to {i} plus {i} is {c}.", "gen",
+                                                        num_tokens=8, model_id="m1")])
+                reg.insert("judgments", [judgment_row(c, k, s, judge_sid, judge_model_id="m1")
+                                         for k, s in enumerate(samples)])
