@@ -7,15 +7,18 @@ registry; no Ray process is left behind.
 Starting a pool is slow on a loaded 2-core machine (its actors import torch and load the model): every Ray stage
 costs ~30-60 s here, so the module runs four, once, in one fixture."""
 
+import os
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import psutil
 import pytest
 
-from flywheel.backends import RayBackend, check_backend, make_backend, release_backends
+from flywheel.backends import (RayBackend, SamplingParams, TransformersBackend, check_backend, make_backend,
+                               release_backends)
 from flywheel.backends.ray_data import ship
 from flywheel.config import ConfigError, load_config
 from flywheel.registry import Registry
@@ -237,3 +240,33 @@ def test_the_pool_is_cached_by_its_settings_and_nothing_shipped_carries_the_regi
     texts = ["plain", "values"]
     fine = pickle.loads(ship(lambda engine, b, batch: (b, texts, batch)))  # values it captures go with it
     assert fine(None, 3, ["x"]) == (3, ["plain", "values"], ["x"])
+
+
+def test_single_calls_run_on_one_kept_actor_and_give_the_in_process_texts(cluster, tiny_model_path, tmp_path,
+                                                                         one_torch_thread):
+    """Self-instruct's kind of use: many single generate calls. They go to one actor the backend keeps (the model
+    loads once), give what the in-process engine gives for the same seed, and the actor makes way for a pool."""
+    cfg = _config(tmp_path, "generate.backend=ray", f"ray.address={cluster}")
+    backend = make_backend(cfg.generate, str(tiny_model_path), "cpu", ray=cfg.ray)
+    params = SamplingParams(n=2, temperature=0.8, max_new_tokens=12)
+    prompts = ["Name a colour.", "Name a fruit."]
+    first = backend.generate(prompts, params, seed=7, chat=False)
+    actor = backend._actor
+    assert actor is not None
+    pid = backend._one(_pid, None)
+    second = backend.generate(prompts, params, seed=8, chat=False)
+    assert backend._actor is actor and backend._one(_pid, None) == pid != os.getpid()
+    local = TransformersBackend(str(tiny_model_path), "cpu")
+    assert first == local.generate(prompts, params, seed=7, chat=False)
+    assert second == local.generate(prompts, params, seed=8, chat=False)
+    assert first != second  # the seed matters: a real comparison
+    out = dict(backend.run(partial(_count, n=2), [(0, ["a"]), (1, ["b", "c"])]))  # the pool gets the 2 CPUs
+    assert backend._actor is None and out == {0: 3, 1: 4}
+
+
+def _pid(engine, index, batch):
+    return os.getpid()
+
+
+def _count(engine, index, batch, *, n):
+    return len(batch) + n

@@ -161,14 +161,6 @@ def _quantiles(xs: list[float]) -> dict | None:
             "mean": statistics.fmean(xs)}
 
 
-def _histogram(values: list[float]) -> list[list[float]]:
-    """[[lo, hi, count], ...] over SCORE_BINS; the last bin includes 5."""
-    counts = [0] * (len(SCORE_BINS) - 1)
-    for v in values:
-        counts[min(int(v * 2), len(counts) - 1) if v >= 0 else 0] += 1
-    return [[lo, hi, n] for lo, hi, n in zip(SCORE_BINS, SCORE_BINS[1:], counts)]
-
-
 def _prompts(reg: Registry, sid: str | None) -> dict:
     rows = reg.rows("SELECT coalesce(drop_reason, 'kept') AS k, count(*) AS n FROM prompts "
                     "WHERE stage_run_id = ? GROUP BY ALL ORDER BY k", [sid])
@@ -178,76 +170,161 @@ def _prompts(reg: Registry, sid: str | None) -> dict:
             "prompts_dropped": by}
 
 
+# Python's str.isspace() characters, as an RE2 class: `len(text.split())` is the count of runs of anything else.
+_SPACE = r"[\t-\r\x1c-\x1f\x85\p{Z}]"
+
+CANDIDATES_SQL = f"""
+SELECT count(*) FILTER (WHERE $model_in IS NULL OR model_id = $model_in) AS n,
+       count(*) FILTER (WHERE $model_in IS NOT NULL AND model_id IS DISTINCT FROM $model_in) AS anchored,
+       avg(num_tokens) FILTER (WHERE $model_in IS NULL OR model_id = $model_in) AS mean_tokens,
+       avg(length(regexp_replace(regexp_replace(text, '[^{_SPACE[1:]}+', 'x', 'g'), '{_SPACE}+', '', 'g')))
+           FILTER (WHERE $model_in IS NULL OR model_id = $model_in) AS mean_words
+FROM candidates WHERE stage_run_id = $sid
+"""
+
+
+def _texts(reg: Registry, sid: str | None, model_in: str | None) -> list[str]:
+    """M_t's first texts in candidate_id order, fetched in growing chunks until they hold DISTINCT_BUDGET word
+    2-grams (so also 1-grams): all `_distinct` reads of them."""
+    texts: list[str] = []
+    grams, chunk = 0, 1_000
+    while grams < DISTINCT_BUDGET:
+        rows = reg.con.execute(
+            "SELECT text FROM candidates WHERE stage_run_id = $sid AND ($model_in IS NULL OR model_id = $model_in) "
+            "ORDER BY candidate_id LIMIT $n OFFSET $o",
+            {"sid": sid, "model_in": model_in, "n": chunk, "o": len(texts)}).fetchall()
+        texts += [r[0] for r in rows]
+        grams += sum(max(len(_WORD.findall(r[0].lower())) - 1, 0) for r in rows)
+        if len(rows) < chunk:
+            break
+        chunk *= 2
+    return texts
+
+
 def _candidates(reg: Registry, sid: str | None, model_in: str | None) -> dict:
     """M_t's candidates: count, length, diversity. With temporal anchoring the stage also holds the anchor model's
     (M1's) candidates: counted apart (`anchor_candidates`), and kept out of M_t's figures."""
-    rows = reg.rows("SELECT text, num_tokens, model_id FROM candidates WHERE stage_run_id = ? ORDER BY candidate_id",
-                    [sid])
-    anchored = [c for c in rows if model_in is not None and c["model_id"] != model_in]
-    rows = [c for c in rows if model_in is None or c["model_id"] == model_in]
-    texts = [c["text"] for c in rows]
-    return {"candidates": len(rows) if sid else None, "anchor_candidates": len(anchored),
-            "mean_tokens": _mean([c["num_tokens"] for c in rows]),
-            "mean_words": _mean([len(t.split()) for t in texts]),
+    r = reg.rows(CANDIDATES_SQL, {"sid": sid, "model_in": model_in})[0]
+    texts = _texts(reg, sid, model_in)
+    return {"candidates": r["n"] if sid else None, "anchor_candidates": r["anchored"],
+            "mean_tokens": None if r["mean_tokens"] is None else round(r["mean_tokens"], 4),
+            "mean_words": None if r["mean_words"] is None else round(r["mean_words"], 4),
             "distinct_1": _distinct(texts, 1), "distinct_2": _distinct(texts, 2)}
 
 
-def _judge(reg: Registry, sid: str | None) -> tuple[dict, dict[str, float]]:
-    """The judge's figures, and each scored candidate's mean score."""
-    samples = reg.rows("SELECT candidate_id, score, parse_error FROM judgments WHERE stage_run_id = ? "
-                       "ORDER BY candidate_id, sample_index", [sid])
-    valid: dict[str, list[float]] = {}
+# The rows (n) of `pairs` and the Spearman's rho of their (x, y), as `spearman`: Pearson's r of the tie-averaged ranks,
+# NULL when fewer than 3 rows or one side constant. Appended to the CTEs that define `pairs`.
+SPEARMAN_SQL = """
+SELECT count(*) AS n,
+       CASE WHEN count(*) >= 3 AND count(DISTINCT x) >= 2 AND count(DISTINCT y) >= 2 THEN corr(rx, ry) END AS rho
+FROM (SELECT x, y, rank() OVER (ORDER BY x) + (count(*) OVER (PARTITION BY x) - 1) / 2 AS rx,
+             rank() OVER (ORDER BY y) + (count(*) OVER (PARTITION BY y) - 1) / 2 AS ry FROM pairs)
+"""
+
+# The judge's totals, and each scored candidate's mean over its valid samples (`means`): count, mean, histogram.
+JUDGE_SQL = """
+WITH j AS (SELECT candidate_id, score FROM judgments WHERE stage_run_id = $sid),
+means AS (SELECT avg(score) AS m FROM j WHERE score IS NOT NULL GROUP BY candidate_id)
+SELECT (SELECT count(*) FROM j) AS samples, (SELECT count(*) FROM j WHERE score IS NULL) AS failures,
+       (SELECT count(*) FROM means) AS scored, (SELECT avg(m) FROM means) AS mean,
+       (SELECT list(n ORDER BY bin) FROM (SELECT bin, count(*) FILTER (WHERE m IS NOT NULL) AS n
+            FROM range($bins) b(bin) LEFT JOIN
+                 (SELECT m, CASE WHEN m >= 0 THEN least(floor(m * 2), $bins - 1) ELSE 0 END AS b FROM means)
+                 ON b = bin GROUP BY bin)) AS hist
+"""
+# Parse errors and valid sample scores, each with its count.
+JUDGE_COUNTS_SQL = """
+SELECT score, parse_error, count(*) AS n FROM judgments WHERE stage_run_id = $sid
+GROUP BY ALL ORDER BY score NULLS FIRST, parse_error NULLS FIRST
+"""
+# The judge against itself: the first two valid samples (by sample_index) of each candidate with two or more.
+SELF_AGREEMENT_SQL = """
+WITH firsts AS (SELECT list(score ORDER BY sample_index) AS s FROM judgments
+                WHERE stage_run_id = $sid AND score IS NOT NULL GROUP BY candidate_id HAVING count(*) >= 2),
+pairs AS (SELECT s[1] AS x, s[2] AS y FROM firsts)
+""" + SPEARMAN_SQL
+
+
+def _judge(reg: Registry, sid: str | None) -> dict:
+    """The judge's figures."""
+    r = reg.rows(JUDGE_SQL, {"sid": sid, "bins": len(SCORE_BINS) - 1})[0]
     errors: dict[str, int] = {}
     counts: dict[str, int] = {}
-    for s in samples:
-        if s["score"] is None:
-            errors[s["parse_error"]] = errors.get(s["parse_error"], 0) + 1
+    for c in reg.rows(JUDGE_COUNTS_SQL, {"sid": sid}):
+        if c["score"] is None:
+            errors[c["parse_error"]] = errors.get(c["parse_error"], 0) + c["n"]
         else:
-            valid.setdefault(s["candidate_id"], []).append(s["score"])
-            counts[f"{s['score']:g}"] = counts.get(f"{s['score']:g}", 0) + 1
-    means = {c: statistics.fmean(v) for c, v in valid.items()}
-    failures = sum(errors.values())
-    firsts = [v[:2] for v in valid.values() if len(v) >= 2]
+            counts[f"{c['score']:g}"] = counts.get(f"{c['score']:g}", 0) + c["n"]
+    rho = reg.rows(SELF_AGREEMENT_SQL, {"sid": sid})[0]["rho"]
     return {
-        "judge_samples": len(samples) if sid else None, "parse_failures": failures if sid else None,
-        "parse_failure_rate": round(failures / len(samples), 4) if samples else None,
-        "parse_errors": dict(sorted(errors.items())), "scored_candidates": len(means),
-        "mean_score": _mean(list(means.values())), "candidate_score_hist": _histogram(list(means.values())),
+        "judge_samples": r["samples"] if sid else None, "parse_failures": r["failures"] if sid else None,
+        "parse_failure_rate": round(r["failures"] / r["samples"], 4) if r["samples"] else None,
+        "parse_errors": dict(sorted(errors.items())), "scored_candidates": r["scored"],
+        "mean_score": None if r["mean"] is None else round(r["mean"], 4),
+        "candidate_score_hist": [[lo, hi, n] for lo, hi, n in zip(SCORE_BINS, SCORE_BINS[1:], r["hist"])],
         "sample_score_counts": dict(sorted(counts.items(), key=lambda kv: float(kv[0]))),
-        "judge_self_agreement": spearman([a for a, _ in firsts], [b for _, b in firsts]),
-    }, means
+        "judge_self_agreement": None if rho is None else round(rho, 4),
+    }
 
 
-def _rewards(reg: Registry, run_id: str, t: int, gen: str | None, means: dict[str, float]) -> dict:
+# Rewards of this iteration's candidates (written by any stage of the run's iteration): per signal, the candidates
+# and their mean (one value per candidate).
+REWARDS_SQL = """
+SELECT signal, count(*) AS n, avg(value) AS mean FROM (
+    SELECT signal, candidate_id, any_value(value) AS value FROM rewards WHERE value IS NOT NULL
+      AND stage_run_id IN (SELECT stage_run_id FROM run_stages WHERE run_id = $run_id AND iteration = $t)
+      AND candidate_id IN (SELECT candidate_id FROM candidates WHERE stage_run_id = $gen)
+    GROUP BY ALL)
+GROUP BY signal ORDER BY signal
+"""
+# The judge (each candidate's mean valid score) against the coherent reward, over the candidates with both.
+AGREEMENT_SQL = """
+WITH means AS (SELECT candidate_id, avg(score) AS x FROM judgments WHERE stage_run_id = $judge AND score IS NOT NULL
+               GROUP BY candidate_id),
+coherent AS (SELECT candidate_id, any_value(value) AS y FROM rewards WHERE value IS NOT NULL AND signal = 'coherent'
+               AND stage_run_id IN (SELECT stage_run_id FROM run_stages WHERE run_id = $run_id AND iteration = $t)
+               AND candidate_id IN (SELECT candidate_id FROM candidates WHERE stage_run_id = $gen)
+             GROUP BY candidate_id),
+pairs AS (SELECT x, y FROM means JOIN coherent USING (candidate_id))
+""" + SPEARMAN_SQL
+
+
+def _rewards(reg: Registry, run_id: str, t: int, gen: str | None, judge: str | None) -> dict:
     """Reward signals of this iteration's candidates (written by any stage of this run's iteration), and the judge's
     agreement with the coherent reward."""
-    rows = reg.rows(
-        "SELECT candidate_id, signal, value FROM rewards WHERE value IS NOT NULL "
-        "AND stage_run_id IN (SELECT stage_run_id FROM run_stages WHERE run_id = ? AND iteration = ?) "
-        "AND candidate_id IN (SELECT candidate_id FROM candidates WHERE stage_run_id = ?)", [run_id, t, gen])
-    by_signal: dict[str, dict[str, float]] = {}
-    for r in rows:
-        by_signal.setdefault(r["signal"], {})[r["candidate_id"]] = r["value"]
-    coherent = by_signal.get("coherent", {})
-    both = [c for c in means if c in coherent]
-    signals = {s: {"candidates": len(v), "mean": _mean(list(v.values()))} for s, v in sorted(by_signal.items())}
-    return {"rewards": signals, "agreement": spearman([means[c] for c in both], [coherent[c] for c in both]),
-            "agreement_candidates": len(both)}
+    rows = reg.rows(REWARDS_SQL, {"run_id": run_id, "t": t, "gen": gen})
+    signals = {r["signal"]: {"candidates": r["n"], "mean": round(r["mean"], 4)} for r in rows}
+    if "coherent" in signals and judge is not None:
+        a = reg.rows(AGREEMENT_SQL, {"run_id": run_id, "t": t, "gen": gen, "judge": judge})[0]
+    else:
+        a = {"n": 0, "rho": None}
+    return {"rewards": signals, "agreement": None if a["rho"] is None else round(a["rho"], 4),
+            "agreement_candidates": a["n"]}
+
+
+# The pairs' counts by how the chosen's length compares with the rejected's.
+PAIRS_SQL = """
+SELECT count(*) AS n, count(*) FILTER (WHERE ch.num_tokens > rj.num_tokens) AS longer,
+       count(*) FILTER (WHERE ch.num_tokens = rj.num_tokens) AS equal
+FROM pairs pr JOIN candidates ch ON ch.candidate_id = pr.chosen_id JOIN candidates rj ON rj.candidate_id = pr.rejected_id
+WHERE pr.stage_run_id = $sid
+"""
 
 
 def _pairs(reg: Registry, sid: str | None) -> dict:
-    rows = reg.rows(
-        "SELECT pr.chosen_score - pr.rejected_score AS margin, ch.num_tokens AS chosen_tokens, "
-        "rj.num_tokens AS rejected_tokens FROM pairs pr JOIN candidates ch ON ch.candidate_id = pr.chosen_id "
-        "JOIN candidates rj ON rj.candidate_id = pr.rejected_id WHERE pr.stage_run_id = ?", [sid])
-    margins = [p["margin"] for p in rows]
-    longer = sum(p["chosen_tokens"] > p["rejected_tokens"] for p in rows)
+    """The pairs' count, margins and lengths. The margins come as one column, so their quantiles and mean are
+    `statistics`' own."""
+    r = reg.rows(PAIRS_SQL, {"sid": sid})[0]
+    margins = reg.con.execute(
+        "SELECT pr.chosen_score - pr.rejected_score AS margin FROM pairs pr "
+        "JOIN candidates ch ON ch.candidate_id = pr.chosen_id JOIN candidates rj ON rj.candidate_id = pr.rejected_id "
+        "WHERE pr.stage_run_id = $sid ORDER BY margin", {"sid": sid}).fetchnumpy()["margin"].tolist()
     stats = json.loads(reg.scalar("SELECT stats FROM stage_runs WHERE stage_run_id = ?", [sid]) or "{}")
     unpaired = stats.get("unpaired")  # why prompts made no pair (a number in registries before it was broken down)
-    return {"pairs": len(rows) if sid else None, "unpaired": unpaired if isinstance(unpaired, dict) else {},
+    return {"pairs": r["n"] if sid else None, "unpaired": unpaired if isinstance(unpaired, dict) else {},
             "margin": _quantiles(margins), "mean_margin": _mean(margins),
-            "longer_chosen_share": round(longer / len(rows), 4) if rows else None,
-            "equal_length_pairs": sum(p["chosen_tokens"] == p["rejected_tokens"] for p in rows)}
+            "longer_chosen_share": round(r["longer"] / r["n"], 4) if r["n"] else None,
+            "equal_length_pairs": r["equal"]}
 
 
 def example_pairs(reg: Registry, pairs_sid: str | None, judge_sid: str | None) -> list[dict]:
@@ -319,11 +396,10 @@ def human_agreement(reg: Registry, pairs_sid: str | None) -> dict:
 
 
 def _iteration(reg: Registry, run_id: str, t: int, sids: dict[str, str]) -> dict:
-    judge, means = _judge(reg, sids.get("judge"))
     return {"iteration": t, "stages": sorted(sids), **_models(reg, run_id, t, sids),
             **_prompts(reg, sids.get("self_instruct")),
-            **_candidates(reg, sids.get("generate"), _model_in(reg, run_id, t)), **judge,
-            **_rewards(reg, run_id, t, sids.get("generate"), means), **_pairs(reg, sids.get("pairs")),
+            **_candidates(reg, sids.get("generate"), _model_in(reg, run_id, t)), **_judge(reg, sids.get("judge")),
+            **_rewards(reg, run_id, t, sids.get("generate"), sids.get("judge")), **_pairs(reg, sids.get("pairs")),
             **_meta_judge(reg, sids.get("meta_judge")),
             **human_agreement(reg, sids.get("pairs")),
             "examples": example_pairs(reg, sids.get("pairs"), sids.get("judge"))}

@@ -3,7 +3,7 @@
     backend = make_backend(cfg.generate, model_path, device, ray=cfg.ray)    # what stage.backend_for does
     for index, outs in backend.run(sample, [(0, batch0), (1, batch1)]):     # as each batch finishes, in any order
         ...                                                                  # sample(engine, index, batch) -> outs
-    outs = backend.generate(prompts, SamplingParams(n=4), seed=123, chat=True)   # one call: one row through a pool
+    outs = backend.generate(prompts, SamplingParams(n=4), seed=123, chat=True)   # one call, on the backend's own actor
 
 The driver joins a cluster (`ray.address`, else the RAY_ADDRESS environment variable, else a local cluster started
 in this process, sized for the pool). `run` makes a dataset of one row per batch (`ray.data.from_items`, one block
@@ -165,6 +165,12 @@ class BatchRunner:
         return {"index": np.array([index]), "result": np.array([pickle.dumps(result)], dtype=object)}
 
 
+def _call(engine, index, fn_and_batch):
+    """What the single-call actor runs: the (callable, batch) pair it is sent, on its engine."""
+    fn, batch = fn_and_batch
+    return fn(engine, index, batch)
+
+
 def _generate(engine, index, prompts, *, params, seed, chat):
     return engine.generate(prompts, params, seed=seed, chat=chat)
 
@@ -174,13 +180,14 @@ def _choice_probs(engine, index, prompts, *, prefix, choices, batch_size):
 
 
 class RayBackend(GenerationBackend):
-    """Batches on a Ray cluster's actor pool (see the module's doc). `generate` and `choice_probs` work too (one
-    batch through a pool of one actor, which loads the model for that call: fine for a few calls, slow for many)."""
+    """Batches on a Ray cluster's actor pool (see the module's doc). `generate` and `choice_probs` work too, as single
+    calls on one actor kept by the backend (started on the first call, stopped when a pool runs or on close)."""
 
     name = "ray"
 
     def __init__(self, model_path: str, cfg: RayConfig, vllm: VLLMBackendConfig | None = None):
         self.cfg = cfg
+        self._actor = None  # the single-call actor (`_one`), started on first use
         self._owns_connection = connect(cfg)
         self._engine = dict(engine=cfg.engine, model_path=str(model_path),
                             device="cuda" if cfg.gpus_per_actor > 0 else "cpu",
@@ -200,6 +207,7 @@ class RayBackend(GenerationBackend):
 
         if not jobs:
             return
+        self._stop_actor()  # the single-call actor's CPUs go to the pool
         runner = ship(fn)  # before any work: refused here if it carries the registry
         rows = [{"index": index, "batch": ship(batch)} for index, batch in jobs]
         ray.data.DataContext.get_current().enable_progress_bars = False  # the stage shows its own
@@ -216,7 +224,27 @@ class RayBackend(GenerationBackend):
             yield int(row["index"]), pickle.loads(row["result"])
 
     def _one(self, fn: BatchFn, batch: Any) -> Any:
-        return [result for _, result in self.run(fn, [(0, batch)])][0]
+        """One call on this backend's own actor (a `BatchRunner` started on the first call and kept, so a stage of
+        many single calls, such as self-instruct, loads the model once). `run` stops it first: its CPUs go to the
+        pool."""
+        import pickle
+
+        import ray
+
+        if self._actor is None:
+            runner = ray.remote(num_cpus=self.cfg.cpus_per_actor, num_gpus=self.cfg.gpus_per_actor)(BatchRunner)
+            self._actor = runner.remote(**self._engine, fn=ship(_call))
+        row = {"index": [0], "batch": [ship((fn, batch))]}
+        with timing.compute():
+            out = ray.get(self._actor.__call__.remote(row))
+        return pickle.loads(out["result"][0])
+
+    def _stop_actor(self) -> None:
+        if self._actor is not None:
+            import ray
+
+            ray.kill(self._actor)
+            self._actor = None
 
     def generate(self, prompts, params, *, seed, chat):
         return self._one(partial(_generate, params=params, seed=seed, chat=chat), list(prompts))
@@ -228,7 +256,9 @@ class RayBackend(GenerationBackend):
                          list(prompts))
 
     def close(self) -> None:
-        """Leave the cluster if this backend joined it (a local cluster it started stops with it)."""
+        """Stop the single-call actor; leave the cluster if this backend joined it (a local cluster it started stops
+        with it)."""
+        self._stop_actor()
         if self._owns_connection:
             import ray
 
