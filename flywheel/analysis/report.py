@@ -170,15 +170,22 @@ def _prompts(reg: Registry, sid: str | None) -> dict:
             "prompts_dropped": by}
 
 
-# Python's str.isspace() characters, as an RE2 class: `len(text.split())` is the count of runs of anything else.
+# `len(text.split())` in SQL: the runs of anything but Python's str.isspace() characters. Regular expressions are
+# slow, so ASCII texts without the separators \x1c-\x1f (strlen counts bytes, length characters) are split on spaces.
 _SPACE = r"[\t-\r\x1c-\x1f\x85\p{Z}]"
+_ASCII_SPACED = "text"
+for _c in range(9, 14):  # \t \n \v \f \r as spaces
+    _ASCII_SPACED = f"replace({_ASCII_SPACED}, chr({_c}), ' ')"
+_RARE_ASCII = " OR ".join(f"contains(text, chr({c}))" for c in range(28, 32))  # \x1c-\x1f
+WORDS_SQL = f"""CASE WHEN strlen(text) = length(text) AND NOT ({_RARE_ASCII})
+    THEN len(list_filter(string_split({_ASCII_SPACED}, ' '), lambda w: w <> ''))
+    ELSE len(regexp_extract_all(text, '[^{_SPACE[1:]}+')) END"""
 
 CANDIDATES_SQL = f"""
 SELECT count(*) FILTER (WHERE $model_in IS NULL OR model_id = $model_in) AS n,
        count(*) FILTER (WHERE $model_in IS NOT NULL AND model_id IS DISTINCT FROM $model_in) AS anchored,
        avg(num_tokens) FILTER (WHERE $model_in IS NULL OR model_id = $model_in) AS mean_tokens,
-       avg(length(regexp_replace(regexp_replace(text, '[^{_SPACE[1:]}+', 'x', 'g'), '{_SPACE}+', '', 'g')))
-           FILTER (WHERE $model_in IS NULL OR model_id = $model_in) AS mean_words
+       avg({WORDS_SQL}) FILTER (WHERE $model_in IS NULL OR model_id = $model_in) AS mean_words
 FROM candidates WHERE stage_run_id = $sid
 """
 
@@ -306,7 +313,8 @@ def _rewards(reg: Registry, run_id: str, t: int, gen: str | None, judge: str | N
 PAIRS_SQL = """
 SELECT count(*) AS n, count(*) FILTER (WHERE ch.num_tokens > rj.num_tokens) AS longer,
        count(*) FILTER (WHERE ch.num_tokens = rj.num_tokens) AS equal
-FROM pairs pr JOIN candidates ch ON ch.candidate_id = pr.chosen_id JOIN candidates rj ON rj.candidate_id = pr.rejected_id
+FROM pairs pr JOIN candidates ch ON ch.candidate_id = pr.chosen_id
+JOIN candidates rj ON rj.candidate_id = pr.rejected_id
 WHERE pr.stage_run_id = $sid
 """
 
