@@ -4,11 +4,11 @@ Every sample is stored with its raw text. The score is parsed from the judge's o
 with no valid verdict is stored with score NULL and the reason, counted in the stage's stats, and left out of the
 candidate's average. A candidate with no valid sample gets no average and so takes no part in a pair.
 
-With `judge.mode: prob` (transformers backend, or ray with the transformers engine) each candidate gets one row instead: one forward pass with the reply
-begun as "Score:", and the expected score over the probabilities of "0".."5" coming next (`prob_verdict`; a digit
-after a space token counts too, see `TransformersBackend.choice_probs`). Its raw text is those probabilities,
-renormalised, and their raw mass; when the mass is under MIN_PROB_MASS the model was not about to write a score at
-all, and the row is a parse failure ("low_prob_mass") like any other.
+With `judge.mode: prob` (transformers backend, or ray with the transformers engine) each candidate gets one row
+instead: one forward pass with the reply begun as "Score:", and the expected score over the probabilities of "0".."5"
+coming next (`prob_verdict`; a digit after a space token counts too, see `TransformersBackend.choice_probs`). Its
+raw text is those probabilities, renormalised, and their raw mass; when the mass is under MIN_PROB_MASS the model was
+not about to write a score at all, and the row is a parse failure ("low_prob_mass") like any other.
 
 With `judge.mode: verify` (the same backends) the judge answers one yes/no question per requirement of the prompt
 instead of scoring it whole: `judge.checklist` ("module:function", called with the prompt and its `reference`) gives
