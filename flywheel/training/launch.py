@@ -165,9 +165,13 @@ def _import_ray():
 def _ray_connect(cfg: FlywheelConfig, ray) -> bool:
     """Join `ray.address`, else RAY_ADDRESS, else start a local cluster; True when this call connected (so the caller
     disconnects), False when this process was already connected."""
+    from ..backends.ray_data import cluster_address, probe  # the one rule for which cluster, as generation's
+
     if ray.is_initialized():
         return False
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or None
+    address, setting = cluster_address(cfg.ray)
+    if address:
+        probe(address, setting)  # a dead address is a ConfigError in seconds, not ray.init's long retries
     ray.init(address=address, include_dashboard=False, configure_logging=False, log_to_driver=True)
     if address is None:  # a cluster of this machine alone: it cannot grow, so say now if the workers cannot fit
         launch, have = cfg.train.launch, ray.cluster_resources().get("CPU", 0)
@@ -223,6 +227,8 @@ def run_ray(cfg: FlywheelConfig, job: TrainJob, folder: Path) -> dict:
     check_ray_launch(cfg)
     ray = _import_ray()
     from ray.train import FailureConfig, RunConfig, ScalingConfig
+
+    from ..backends.ray_data import cluster_address
     from ray.train.torch import TorchTrainer
 
     folder = Path(folder).resolve()
@@ -246,7 +252,7 @@ def run_ray(cfg: FlywheelConfig, job: TrainJob, folder: Path) -> dict:
                                          resources_per_worker=resources),
             run_config=RunConfig(storage_path=str(folder / "ray"), name=f"{job.trainer}-{folder.name}",
                                  failure_config=FailureConfig(max_failures=0)))
-        where = cfg.ray.address or os.environ.get("RAY_ADDRESS") or "a local Ray cluster"
+        where = cluster_address(cfg.ray)[0] or "a local Ray cluster"
         log.info("training as a Ray Train job on %s: %d %s workers; job %s", where, launch.num_processes,
                  "GPU" if use_gpu else "CPU", folder)
         with timing.compute():
