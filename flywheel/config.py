@@ -206,6 +206,11 @@ class SFTConfig(TrainerSection):
         None, gt=0, description="train.trainer 'sft': its learning rate; default dpo.learning_rate, the rate the "
                                 "iterations it stands in for train at.")
     lora: LoraConfig = LoraConfig()
+    mode: Literal["full", "skip", "cold_start"] = Field(
+        "full", description="M1: 'full' trains the base on the seeds' IFT (+ EFT) examples; 'skip' makes M1 the base "
+                            "model itself (R1-Zero: RL straight from the base, with rule rewards); 'cold_start' "
+                            "trains it on only the first `cold_start_examples` seed answers (IFT, no EFT) before RL.")
+    cold_start_examples: int = Field(16, ge=1, description="sft.mode=cold_start: the seed chains M1 is trained on.")
 
 
 class SelfInstructConfig(_Section):
@@ -370,7 +375,68 @@ class RewardConfig(_Section):
                     "only when 'judge' is named here (weight 0: judged for the report, not used in pairs).")
 
 
+class StepsConfig(_Section):
+    """Process rewards: a candidate split into steps, each step scored, the scores aggregated (flywheel/stages/steps.py).
+    Off (split 'none') by default. The aggregated scores are reward signals 'step_rule' and 'step_judge' (the
+    reward stage writes them), usable in reward.weights like any other."""
+
+    split: Literal["none", "line", "delimiter", "regex"] = Field(
+        "none", description="How a candidate is split into steps: by non-empty line, by `delimiter`, or by the "
+                            "regex `pattern` (re.split); 'none' turns process rewards off.")
+    delimiter: str = Field("\n\n", min_length=1, description="split=delimiter: the text between two steps.")
+    pattern: str | None = Field(None, description="split=regex: the separator between two steps, a regex.")
+    max_steps: int = Field(32, ge=1, le=1024, description="A candidate with more steps keeps the first max_steps - 1 "
+                           "and the rest joined as its last step (counted in the stage's stats).")
+    rule: str | None = Field(None, description="The step-level rule: 'module:function' called as "
+                             "function(prompt, reference, steps) -> one score per step (signal 'step_rule').")
+    judge: bool = Field(False, description="The step-level self-judge: M_t gives a verdict on each step given the "
+                        "steps before it (`judge_template`), parsed strictly (signal 'step_judge').")
+    judge_template: ShippedPath = REPO / "prompts/step_judge.txt"
+    judge_samples: int = Field(1, ge=1, le=MAX_JUDGE_SAMPLES, description="Verdicts per step, averaged.")
+    judge_temperature: float = Field(0.7, ge=0)
+    judge_max_new_tokens: int = Field(64, ge=1, le=MAX_NEW_TOKENS)
+    judge_batch_size: int = Field(32, ge=1)
+    aggregate: Literal["min", "product", "mean"] = Field(
+        "min", description="A candidate's step scores -> its outcome score (min: as PRM practice; product; mean).")
+    credit: float = Field(0.0, ge=0, description="GRPO, RLOO and PPO: the weight of step rewards credited at each "
+                          "step's last token, beside the sequence-level reward (0: off). Needs `rule`.")
+
+    @model_validator(mode="after")
+    def _needs(self) -> "StepsConfig":
+        if self.split == "regex":
+            if not self.pattern:
+                raise ValueError("split=regex needs 'pattern'")
+            try:
+                re.compile(self.pattern)
+            except re.error as e:
+                raise ValueError(f"pattern {self.pattern!r} is not a valid regex: {e}") from None
+        if self.rule is not None and not re.fullmatch(r"[\w.]+:\w+", self.rule):
+            raise ValueError(f"rule {self.rule!r} is not of the form 'module:function'")
+        if self.judge_samples > 1 and self.judge_temperature == 0:
+            raise ValueError("judge_samples > 1 needs judge_temperature > 0 (greedy samples are all the same)")
+        if self.split != "none" and not (self.rule or self.judge):
+            raise ValueError(f"split={self.split} but no step reward: set rule ('module:function') or judge=true")
+        if self.credit and not (self.rule and self.split != "none"):
+            raise ValueError("credit > 0 needs split and rule: step credit in the online trainers is the step rule's "
+                             "score of each step")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.split != "none"
+
+    def signals(self) -> list[str]:
+        """The reward signals the step rewards add, in a fixed order."""
+        if not self.enabled:
+            return []
+        return (["step_rule"] if self.rule else []) + (["step_judge"] if self.judge else [])
+
+
 class PairsConfig(_Section):
+    mode: Literal["outcome", "step"] = Field(
+        "outcome", description="'outcome': per prompt the best vs the worst candidate by the combined score; 'step': "
+                               "two candidates that share their first steps and part at one, chosen and rejected by "
+                               "that step's reward (steps.split and a step signal weighted in reward.weights).")
     min_margin: float = Field(0.0, ge=0, description="Keep a pair only if chosen - rejected > min_margin (ties always dropped).")
     rho: float | list[float] = Field(
         0.0, description="Length control (Meta-Rewarding): 0 is plain best/worst; a list gives one value per iteration.")
@@ -498,6 +564,7 @@ class FlywheelConfig(_Section):
     judge: JudgeConfig = JudgeConfig()
     meta_judge: MetaJudgeConfig = MetaJudgeConfig()
     reward: RewardConfig = RewardConfig()
+    steps: StepsConfig = StepsConfig()
     pairs: PairsConfig = PairsConfig()
     train: TrainConfig = TrainConfig()
     dpo: DPOConfig = DPOConfig()
@@ -533,14 +600,29 @@ class FlywheelConfig(_Section):
 
     @model_validator(mode="after")
     def _signals_known(self) -> "FlywheelConfig":
-        known = {"judge", "coherent", *(r.name for r in self.reward.rules)}
+        known = {"judge", "coherent", *(r.name for r in self.reward.rules), *self.steps.signals()}
         unknown = sorted(set(self.reward.weights) - known)
         if unknown:
-            raise ValueError(f"reward.weights names unknown signal(s) {unknown}; known: {sorted(known)}")
+            steps = [u for u in unknown if u in ("step_rule", "step_judge")]
+            hint = (f"; {steps[0]} needs steps.split and steps.{'rule' if steps[0] == 'step_rule' else 'judge'}"
+                    if steps else "")
+            raise ValueError(f"reward.weights names unknown signal(s) {unknown}; known: {sorted(known)}{hint}")
         if self.reward.weights.get("coherent") and not self.reward.coherent:
             raise ValueError("reward.weights gives 'coherent' a weight but reward.coherent is false")
         if not any(self.reward.weights.values()):
             raise ValueError("reward.weights: at least one signal needs a non-zero weight")
+        return self
+
+    @model_validator(mode="after")
+    def _step_pairs_need(self) -> "FlywheelConfig":
+        """Step-wise pairs are chosen by a step signal; anchoring and length bands are outcome-pair selections."""
+        if self.pairs.mode != "step":
+            return self
+        if not any(self.reward.weights.get(s) for s in self.steps.signals()):
+            raise ValueError("pairs.mode=step chooses by the step rewards: set steps.split and steps.rule (or "
+                             "steps.judge), and give step_rule (or step_judge) a weight in reward.weights")
+        if self.pairs.anchor != "none" or any(self.pairs.rho if isinstance(self.pairs.rho, list) else [self.pairs.rho]):
+            raise ValueError("pairs.mode=step takes neither pairs.anchor nor pairs.rho (they select outcome pairs)")
         return self
 
     @model_validator(mode="after")

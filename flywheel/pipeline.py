@@ -47,9 +47,9 @@ JUDGE = Step("judge", ("model", "candidates"), "judgments",
 META_JUDGE = Step("meta_judge", ("model", "judgments"), "judge_pairs",
                   lambda ctx, s: meta_judge.meta_judge(ctx.cfg, ctx.run_id, ctx.iteration, s.model, s.judgments),
                   when=lambda cfg: cfg.meta_judge.enabled and JUDGE.when(cfg))
-REWARD = Step("reward", ("candidates", "m1", "pt"), "rewards",
-              lambda ctx, s: reward.reward(ctx.cfg, ctx.run_id, ctx.iteration, s.candidates, s.m1, s.pt),
-              when=lambda cfg: bool(cfg.reward.coherent or cfg.reward.rules))
+REWARD = Step("reward", ("candidates", "m1", "pt", "model"), "rewards",
+              lambda ctx, s: reward.reward(ctx.cfg, ctx.run_id, ctx.iteration, s.candidates, s.m1, s.pt, s.model),
+              when=lambda cfg: bool(cfg.reward.coherent or cfg.reward.rules or cfg.steps.enabled))
 PAIRS = Step("pairs", ("judgments", "rewards", "model", "m1"), "pairs",
              lambda ctx, s: pairs.build_pairs(ctx.cfg, ctx.run_id, ctx.iteration, s.judgments, s.rewards,
                                               anchor_model(ctx, s)))
@@ -178,6 +178,12 @@ def preflight(cfg: FlywheelConfig) -> None:
         if not any(META_JUDGE in steps_for(cfg, t) for t in range(1, cfg.run.iterations + 1)):
             raise ConfigError("meta_judge.enabled: no iteration's trainer trains on judge pairs (train.trainer: dpo "
                               "does); set meta_judge.enabled=false")
+    if cfg.steps.enabled:  # process rewards: the step rule importable, the step judge's template fillable
+        from .stages import steps
+        if cfg.steps.rule:
+            steps.load_step_rule(cfg.steps.rule)
+        if cfg.steps.judge:
+            steps.check_step_judge(cfg)
     if cfg.model.base == "tiny" and cfg.model.tiny.corpus:
         bootstrap.read_corpus(cfg.model.tiny.corpus)
     if not cfg.self_instruct.template.is_file():  # the base stage reads it in any mode

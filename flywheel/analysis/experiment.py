@@ -4,14 +4,17 @@
     rows = run_experiment(exp, registry_root)      # one row per (seed, variant, model)
 
 The world is the experiment's `task` (flywheel/analysis/tasks.py): `sort`, digit lists sorted by a tiny model
-trained from scratch (flywheel/analysis/miniworld.py), or `ifworld`, IFEval's verifiable instructions followed by a
-real chat model (flywheel/analysis/ifworld.py). For each seed: write the world's files (seeds, prompt pool, held-out
-test; pretraining text for sort), then run the flywheel once per variant (the experiment's `config` with the
+trained from scratch (flywheel/analysis/miniworld.py), `arith`, multi-step sums worked one operation per line by
+such a model (flywheel/analysis/arithworld.py), or `ifworld`, IFEval's verifiable instructions followed by a real
+chat model (flywheel/analysis/ifworld.py). For each seed: write the world's files (seeds, prompt pool, held-out
+test; pretraining text for sort and arith), then run the flywheel once per variant (the experiment's `config` with the
 variant's overrides; `flywheel.pipeline.run`, what `flywheel run` runs inside its Prefect flow, all in one registry,
 so PT and M1 are built once per seed and shared), then score every model of every run on the held-out test set:
 
-- `accuracy`: the task's held-out figure of greedy answers (sort: exact match; ifworld: IFEval prompt-level strict
-  accuracy, with `instruction_accuracy` and `prompt_loose` beside it), over the whole test set;
+- `accuracy`: the task's held-out figure of greedy answers (sort: exact match; arith: exact match of the final
+  value, with `step_accuracy`, the share of operations done right before the first wrong line, beside it; ifworld:
+  IFEval prompt-level strict accuracy, with `instruction_accuracy` and `prompt_loose` beside it), over the whole
+  test set;
 - `judge_agreement`: the model as judge (the run's judge mode, template and sampling) on `eval.judge_problems` test
   problems, each with a right answer and a wrong one (`task.judge_items`): the share where the right one scores
   higher (ties count half, so 0.5 is chance); `judge_unscored` counts answers with no valid verdict in any sample;
@@ -318,7 +321,8 @@ def _f(v, fmt: str = "{:.3f}") -> str:
 
 # --- summarising -------------------------------------------------------------------------------------------------------
 METRICS = [("accuracy", "held-out accuracy"), ("gain", "accuracy - M1's"),
-           ("instruction_accuracy", "instruction-level accuracy"), ("judge_agreement", "judge agreement"),
+           ("instruction_accuracy", "instruction-level accuracy"), ("step_accuracy", "held-out step accuracy"),
+           ("judge_agreement", "judge agreement"),
            ("pairs", "pairs trained on"), ("pair_accuracy", "pair accuracy"), ("pair_inverted", "pairs inverted"),
            ("mean_tokens", "mean length (tokens)"),
            ("sampled_accuracy", "its samples right"), ("own_score_right", "its judge score of right samples"),
@@ -356,10 +360,13 @@ def _cell(m: dict, pct: bool, sign: bool = False) -> str:
 
 
 def table(summary: list[dict], metric: str = "exact match") -> tuple[list[str], list[list[str]]]:
-    """The results table; an instruction-level column where the task has that figure (ifworld)."""
+    """The results table; an instruction-level column where the task has that figure (ifworld), a step accuracy
+    column where it has that one (arith)."""
     levels = any(e["instruction_accuracy"]["mean"] is not None for e in summary)
+    steps = any(e.get("step_accuracy", {}).get("mean") is not None for e in summary)
     header = ["variant", "model", f"{metric} %", "per seed", "change from M1 (points)",
-              *(["instruction-level %"] if levels else []), "judge agreement %", "pairs trained on",
+              *(["instruction-level %"] if levels else []), *(["step accuracy %"] if steps else []),
+              "judge agreement %", "pairs trained on",
               "pairs right / inverted %", "mean tokens", "its samples right %", "its judge score: right / wrong samples"]
     rows = []
     for e in summary:
@@ -369,6 +376,7 @@ def table(summary: list[dict], metric: str = "exact match") -> tuple[list[str], 
                      " / ".join(f"{100 * v:.1f}" for v in e["accuracy"]["values"]),
                      "-" if e["model"] == "M1" else _cell(e["gain"], True, sign=True),
                      *([_cell(e["instruction_accuracy"], True)] if levels else []),
+                     *([_cell(e["step_accuracy"], True)] if steps else []),
                      _cell(e["judge_agreement"], True), _cell(e["pairs"], False),
                      _cell(e["pair_accuracy"], True) + " / " + _cell(e["pair_inverted"], True),
                      _cell(e["mean_tokens"], False), _cell(e["sampled_accuracy"], True), own])

@@ -9,13 +9,19 @@
 
 - `sort` (flywheel/analysis/miniworld.py): a tiny model pretrained from scratch sorts digit lists; accuracy is exact
   match; a wrong answer for the judge is a near miss.
+- `arith` (flywheel/analysis/arithworld.py): a tiny model pretrained from scratch on worked sums computes chains
+  like `Compute 7+5-3+8.` one operation per line (`7+5=12` ...); accuracy is exact match of the final value, with the
+  step accuracy (the share of operations done right before the first wrong line) beside it; a wrong answer for the
+  judge is a near-miss chain (one step's result off by one or two, the later steps carried on from it). Its step
+  rule (`arithworld.step_check`) scores each line, for step-level (process) rewards.
 - `ifworld` (flywheel/analysis/ifworld.py): the real chat model (`model.base` of the experiment's config) follows
   IFEval's verifiable instructions; accuracy is IFEval's prompt-level strict accuracy (instruction-level and loose
   beside it); an answer's value is the share of its instructions followed; a wrong answer for the judge is the
   world's response built with one instruction left out (else the plain answer).
 
-A pair is right by ground truth when its chosen answer's value is above its rejected one's (for sort: right over
-wrong). To add a world: a class with these methods and `sizes_model()` (the `world:` section), registered in `TASKS`.
+A pair is right by ground truth when its chosen answer's value is above its rejected one's (for sort and arith:
+right over wrong). To add a world: a class with these methods and `sizes_model()` (the `world:` section), registered
+in `TASKS`.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import json
 import random
 from pathlib import Path
 
+from . import arithworld as aw
 from . import miniworld as mw
 
 
@@ -57,6 +64,46 @@ class SortTask:
     def judge_items(self, seed: int, files: dict[str, Path], test: list[dict], n: int) -> list[tuple]:
         rng = random.Random(f"judge-eval-{seed}")
         return [(r["prompt"], r["reference"], mw.near_miss(r["digits"], rng), r["reference"]) for r in test[:n]]
+
+
+class ArithTask:
+    name = "arith"
+    metric = "exact match"
+
+    @staticmethod
+    def sizes_model():
+        return aw.ArithSizes
+
+    def __init__(self, sizes: aw.ArithSizes):
+        self.world_sizes = sizes
+
+    def write(self, seed: int, out: Path) -> dict[str, Path]:
+        return aw.ArithWorld(self.world_sizes, seed).write(out)
+
+    def fixed_config(self, files: dict[str, Path]) -> dict:
+        """The tiny model pretrained on the world's corpus, as for sort."""
+        return {"model": {"base": "tiny", "tiny": {"corpus": str(files["corpus"]) if "corpus" in files else None}}}
+
+    def test_set(self, files: dict[str, Path]) -> list[dict]:
+        return aw.read_jsonl(files["test"])
+
+    def value(self, prompt: str, text: str, reference: str) -> float:
+        return aw.exact_match(prompt, text, reference)
+
+    def grade(self, test: list[dict], answers: list[str]) -> dict:
+        correct = [aw.is_correct(a, r["reference"]) for a, r in zip(answers, test)]
+        steps = [aw.step_accuracy(r["prompt"], a) for a, r in zip(answers, test)]
+        return {"accuracy": sum(correct) / len(test), "step_accuracy": sum(steps) / len(test), "correct": correct}
+
+    def judge_items(self, seed: int, files: dict[str, Path], test: list[dict], n: int) -> list[tuple]:
+        """The first `n` test problems, each with its true chain and a near miss (`arithworld.near_miss_chain`)."""
+        rng = random.Random(f"judge-eval-{seed}")
+        out = []
+        for r in test[:n]:
+            start, ops = aw.parse_prompt(r["prompt"])
+            problem = (start, tuple(ops))
+            out.append((r["prompt"], aw.solution_of(problem), aw.near_miss_chain(problem, rng), r["reference"]))
+        return out
 
 
 class IFTask:
@@ -114,4 +161,4 @@ class IFTask:
         return out
 
 
-TASKS = {"sort": SortTask, "ifworld": IFTask}
+TASKS = {"sort": SortTask, "arith": ArithTask, "ifworld": IFTask}

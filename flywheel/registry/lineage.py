@@ -102,6 +102,7 @@ def pair_lineage(reg: Registry, pair_id: str) -> dict | None:
         "FROM rewards", "candidate_id", cids, "stage_run_id = ?" if reward_sid else "",
         [reward_sid] if reward_sid else [])) if cids else []
     rewards.sort(key=lambda r: (r["candidate_id"], r["signal"]))
+    steps = _steps(reg, cids, reward_sid) if cids and reward_sid else []
 
     sids = sorted({prompt["stage_run_id"], pair["stage_run_id"], *(c["stage_run_id"] for c in cands.values()),
                    *(j["stage_run_id"] for j in judgments), *(r["stage_run_id"] for r in rewards)})
@@ -139,6 +140,7 @@ def pair_lineage(reg: Registry, pair_id: str) -> dict | None:
                           for j in judgments if j["candidate_id"] == cid]
         c["rewards"] = [{**r, "details": _json(r["details"]), "dataset_versions": versions.get(r["stage_run_id"], {})}
                         for r in rewards if r["candidate_id"] == cid]
+        c["steps"] = [x for x in steps if x["candidate_id"] == cid]
         c["signals"] = signals.get(role, {})
         c["score"] = pair[f"{role}_score"]
         return c
@@ -155,6 +157,20 @@ def pair_lineage(reg: Registry, pair_id: str) -> dict | None:
         "datasets": [v for v in manifests if v["version_id"] in pair_versions],
         "trained": trained,
     }
+
+
+def _steps(reg: Registry, cids: list[str], reward_sid: str) -> list[dict]:
+    """The candidates' steps (process rewards), each with its step rewards {signal: value} and their errors."""
+    try:
+        rows = reg.rows(*_keyed(
+            "SELECT s.candidate_id, s.step_index, s.text, s.start_char, s.end_char, s.prefix_hash, "
+            "map_from_entries(list(struct_pack(k := r.signal, v := r.value)) FILTER (WHERE r.signal IS NOT NULL)) "
+            "AS scores, list(r.error) FILTER (WHERE r.error IS NOT NULL) AS errors FROM steps s LEFT JOIN step_rewards r "
+            "USING (step_id)", "s.candidate_id", cids, "s.stage_run_id = ? GROUP BY ALL", [reward_sid]))
+    except Exception:  # a registry from before process rewards has no steps table (a reader does not create it)
+        return []
+    rows.sort(key=lambda r: (r["candidate_id"], r["step_index"]))
+    return [{**r, "scores": dict(r["scores"] or {}), "errors": r["errors"] or []} for r in rows]
 
 
 def _consumers(reg: Registry, version_ids: list[str]) -> list[dict]:
@@ -304,6 +320,13 @@ def _render_pair(r: dict) -> Tree:
             for x in c["rewards"]:
                 value = f"{x['value']:.4g}" if x["value"] is not None else f"[red]error: {x['error']}[/]"
                 rw.add(f"{x['signal']}: {value}  {_esc(x['details']) if x['details'] else ''}")
+        if c["steps"]:
+            sn = node.add(f"steps ({len(c['steps'])})")
+            for x in c["steps"]:
+                scores = ", ".join(f"{k} {v:.3g}" if v is not None else f"{k} none"
+                                   for k, v in sorted(x["scores"].items()))
+                sn.add(f"#{x['step_index']} {_esc('[' + scores + ']')} {_esc(_short(x['text'], 80))}"
+                       + (f"  [red]{_esc(x['errors'][0])}[/]" if x["errors"] else ""))
         if c["signals"]:
             node.add(f"signals: {_esc(c['signals'])}")
         node.add(f"datasets: {_versions_label(c['dataset_versions'])}")

@@ -7,9 +7,14 @@ already done are skipped.
 
 from __future__ import annotations
 
-from ..config import FlywheelConfig, content_hash
+from ..config import FlywheelConfig, StepsConfig, content_hash
 from .integrity import model_on_disk
 from .store import Registry
+
+
+NEW_AT_DEFAULT = (("sft", "mode"), ("sft", "cold_start_examples"), ("pairs", "mode"))
+DEFAULTS = {("sft", "mode"): "full", ("sft", "cold_start_examples"): 16, ("pairs", "mode"): "outcome"}
+DEFAULT_STEPS = StepsConfig().model_dump(mode="json")
 
 
 def run_id_for(cfg: FlywheelConfig) -> str:
@@ -19,6 +24,11 @@ def run_id_for(cfg: FlywheelConfig) -> str:
     data["run"].pop("threads", None)  # how fast, not what
     data["train"].pop("report_to", None)  # where the figures are also sent, not what
     data.pop("ray", None)  # which cluster and how many workers: where, not what
+    for section, key in NEW_AT_DEFAULT:  # settings added later change no earlier run's id while at their defaults
+        if section in data and data[section].get(key, DEFAULTS[(section, key)]) == DEFAULTS[(section, key)]:
+            data[section].pop(key, None)
+    if data.get("steps") == DEFAULT_STEPS:
+        data.pop("steps")
     return f"{cfg.run.name}-{content_hash(data, 8)}"
 
 

@@ -191,6 +191,36 @@ CREATE TABLE IF NOT EXISTS rewards (
     config_hash   VARCHAR NOT NULL,
     created_at    TIMESTAMPTZ NOT NULL
 );
+CREATE TABLE IF NOT EXISTS steps (              -- a candidate split into steps (steps.split), by the reward stage
+    step_id       VARCHAR PRIMARY KEY,         -- st-hash(stage run, candidate, index)
+    candidate_id  VARCHAR NOT NULL,
+    step_index    INTEGER NOT NULL,            -- 0, 1, ...
+    text          VARCHAR NOT NULL,
+    start_char    INTEGER NOT NULL,            -- its span in the candidate's text: text[start_char:end_char]
+    end_char      INTEGER NOT NULL,
+    prefix_hash   VARCHAR NOT NULL,            -- hash of the texts of steps 0..index-1: equal for candidates of one
+                                               -- prompt that share their steps so far (step-wise pairs join on it)
+    run_id        VARCHAR NOT NULL,
+    iteration     INTEGER NOT NULL,
+    stage_run_id  VARCHAR NOT NULL,
+    created_at    TIMESTAMPTZ NOT NULL
+);
+CREATE TABLE IF NOT EXISTS step_rewards (       -- one score per step per step signal (their aggregate is in rewards)
+    step_reward_id VARCHAR PRIMARY KEY,
+    step_id       VARCHAR NOT NULL,
+    candidate_id  VARCHAR NOT NULL,
+    step_index    INTEGER NOT NULL,
+    signal        VARCHAR NOT NULL,            -- step_rule | step_judge
+    value         DOUBLE,                      -- NULL when it could not be computed (error says why)
+    error         VARCHAR,
+    details       JSON,                        -- step_judge: each sample's raw text and verdict
+    judge_model_id VARCHAR,                    -- step_judge: M_t
+    run_id        VARCHAR NOT NULL,
+    iteration     INTEGER NOT NULL,
+    stage_run_id  VARCHAR NOT NULL,
+    config_hash   VARCHAR NOT NULL,
+    created_at    TIMESTAMPTZ NOT NULL
+);
 CREATE TABLE IF NOT EXISTS dataset_versions (
     version_id    VARCHAR PRIMARY KEY,         -- <name>-<sha256 prefix>: same content, same version
     name          VARCHAR NOT NULL,            -- prompts | candidates | judgments | rewards | pairs | train
@@ -407,6 +437,24 @@ class Registry:
         values = [[_to_db(r[c]) for c in cols] for r in rows]
         with self.transaction() as con:
             con.executemany(sql, values)
+        return len(rows)
+
+    def insert_many(self, table: str, rows: list[dict]) -> int:
+        """`insert` for many rows at once, through one Arrow table (executemany costs milliseconds a row: a stage's
+        thousands of step rows took a minute). Same rows, same conflict rule."""
+        if not rows:
+            return 0
+        import pyarrow as pa
+
+        cols = list(rows[0])
+        data = pa.table({c: [_to_db(r[c]) for r in rows] for c in cols})
+        names = ", ".join(cols)
+        with self.transaction() as con:
+            con.register("new_rows", data)
+            try:
+                con.execute(f"INSERT INTO {table} ({names}) SELECT {names} FROM new_rows ON CONFLICT DO NOTHING")
+            finally:
+                con.unregister("new_rows")
         return len(rows)
 
     def existing(self, table: str, key: str, ids: list[str]) -> set[str]:

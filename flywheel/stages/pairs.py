@@ -19,6 +19,15 @@ prompt's candidates as above. The pair records the anchor ('anchor' in its signa
 beat the anchor's worst by more than `min_margin` is dropped like any other. Without an anchor the stage's inputs,
 statements and rows are what they were before anchoring existed.
 
+Step-wise pairs (`pairs.mode: step`, process rewards: flywheel/stages/steps.py): two candidates of a prompt that share
+their first k steps (equal `prefix_hash` at step k) and differ at step k are a fork; chosen is the one whose step k
+scores higher by the step reward (the weighted sum of the weighted step signals, `step_rule` / `step_judge`, at that
+step), rejected the other. Per prompt the deepest fork whose margin is above `pairs.min_margin` is kept (ties: the
+larger margin, then candidate ids): the more steps the two share, the more exactly the pair names the step that went
+wrong. The pair records the fork's step and where it starts in each text (`signals`); its training texts are the
+two whole candidates, whose shared prefix adds the same log-probability to both sides of DPO's margin (for the
+policy and the reference alike) and so cancels: the loss is on the continuations from the fork.
+
 What the stage freezes: the pairs are selected and joined to their texts once, into a temp table in pair_id order
 (`flywheel.registry.datasets.prepared_rows`); the pairs table is filled from it, and `run_stage`'s freeze writes the stage's
 dataset versions from it without querying the registry again: "pairs" (the pairs table's rows, with their signals)
@@ -97,6 +106,45 @@ FROM (SELECT prompt_id, count(*) AS scored,
 
 
 EXTREMES_SQL = _extremes_sql(anchored=False)
+
+# Step-wise pairs: the same pair_extremes table (one row per prompt with a fork, rows named by candidates.rowid), from
+# the reward stage's steps and step rewards ($reward_sid). A step's score is the weighted sum of its weighted step
+# signals (a step missing one is not scored); a fork is two steps of one prompt at the same index with the same
+# prefix hash and different texts (each fork once), the higher-scored one chosen. `scored`: the prompt's candidates with a scored step.
+STEP_EXTREMES_SQL = """
+CREATE OR REPLACE TEMP TABLE pair_extremes AS
+WITH step_scores AS (
+    SELECT r.step_id, round(sum(w.weight * r.value ORDER BY r.signal), 9) AS score,
+           to_json(map(list(r.signal ORDER BY r.signal), list(r.value ORDER BY r.signal))) AS raw
+    FROM step_rewards r JOIN (SELECT unnest($weights, recursive := true)) w USING (signal)
+    WHERE r.stage_run_id = $reward_sid AND r.value IS NOT NULL
+    GROUP BY r.step_id HAVING count(*) = len($weights)
+), s AS (
+    SELECT c.prompt_id, c.rowid AS candidate_row, st.candidate_id, st.step_index, st.text, st.start_char,
+           st.prefix_hash, ss.score, ss.raw
+    FROM steps st JOIN step_scores ss USING (step_id) JOIN candidates c USING (candidate_id)
+    WHERE st.stage_run_id = $reward_sid
+), forks AS (
+    SELECT a.prompt_id, a.step_index AS step, a.score - b.score AS margin,
+           {'row_id': a.candidate_row, 'score': a.score, 'raw': a.raw, 'at': a.start_char} AS ch,
+           {'row_id': b.candidate_row, 'score': b.score, 'raw': b.raw, 'at': b.start_char} AS rj,
+           a.candidate_id AS a_id, b.candidate_id AS b_id
+    FROM s a JOIN s b ON a.prompt_id = b.prompt_id AND a.step_index = b.step_index
+                     AND a.prefix_hash = b.prefix_hash AND a.text <> b.text
+                     AND (a.score > b.score OR (a.score = b.score AND a.candidate_id < b.candidate_id))
+), best AS (
+    SELECT prompt_id, arg_max({'ch': ch, 'rj': rj, 'step': step}, (step, margin, a_id, b_id)) AS f
+    FROM forks WHERE margin > $min_margin GROUP BY prompt_id
+)
+SELECT n.prompt_id, f.ch.row_id AS chosen_row, f.ch.score AS chosen_score,
+       json_object('step', f.step, 'at', f.ch.at, 'step_scores', f.ch.raw) AS chosen_raw,
+       f.rj.row_id AS rejected_row, f.rj.score AS rejected_score,
+       json_object('step', f.step, 'at', f.rj.at, 'step_scores', f.rj.raw) AS rejected_raw, n.scored, f.step AS fork_step,
+       n.forks
+FROM (SELECT prompt_id, count(DISTINCT candidate_id) AS scored,
+             (SELECT count(*) FROM forks WHERE forks.prompt_id = s.prompt_id) AS forks FROM s GROUP BY prompt_id) n
+LEFT JOIN best USING (prompt_id)
+"""
 ANCHORED_EXTREMES_SQL = _extremes_sql(anchored=True)
 
 # The same table when one signal is weighted, rho = 0 and no anchor (the default): the score is the signal itself and
@@ -171,7 +219,9 @@ def select_pairs(con: duckdb.DuckDBPyConnection, params: dict, table: str) -> No
     reward_sid, weights, rho, sid, ...; anchor when anchored)."""
     weights = params["weights"]
     anchored = params.get("anchor") is not None
-    if anchored:
+    if params.get("mode") == "step":
+        con.execute(STEP_EXTREMES_SQL, {k: params[k] for k in ("reward_sid", "weights", "min_margin")})
+    elif anchored:
         con.execute(ANCHORED_EXTREMES_SQL,
                     {k: params[k] for k in ("judge_sid", "reward_sid", "weights", "rho", "anchor")})
     elif len(weights) == 1 and params["rho"] == 0:
@@ -182,12 +232,26 @@ def select_pairs(con: duckdb.DuckDBPyConnection, params: dict, table: str) -> No
                     {"signal": signal, **{k: params[k] for k in used}})
     else:
         con.execute(EXTREMES_SQL, {k: params[k] for k in ("judge_sid", "reward_sid", "weights", "rho")})
-    con.execute(PAIR_ROWS_SQL.format(table=table, anchor=", 'anchor', $anchor" if anchored else ""),
+    extra = ", 'anchor', $anchor" if anchored else ", 'mode', 'step'" if params.get("mode") == "step" else ""
+    con.execute(PAIR_ROWS_SQL.format(table=table, anchor=extra),
                 {k: params[k] for k in ("sid", "weights_json", "rho", "iteration", "min_margin",
                                         *(("anchor",) if anchored else ()))})
     if con.execute("SELECT count(*) FROM pairs WHERE stage_run_id = ?", [params["sid"]]).fetchone()[0]:
         return  # an attempt that crashed after this commit inserted them: the same rows (one transaction, all or none)
     con.execute(INSERT_PAIRS_SQL.format(table=table), {k: params[k] for k in ("sid", "run_id", "config_hash")})
+
+
+def unpaired_step_prompts(reg: Registry, params: dict) -> dict[str, int]:
+    """Step mode: why prompts made no pair: none of their candidates has a scored step, their scored candidates
+    never fork (no two share a prefix and then differ), or every fork's step scores tie or differ by no more than
+    `pairs.min_margin`."""
+    row = reg.rows(
+        """SELECT (SELECT count(DISTINCT c.prompt_id) FROM candidates c JOIN rewards r USING (candidate_id)
+                   WHERE r.stage_run_id = $reward_sid) - count(*) AS no_scored_step,
+                  count(*) FILTER (WHERE chosen_row IS NULL AND forks = 0) AS no_fork,
+                  count(*) FILTER (WHERE chosen_row IS NULL AND forks > 0) AS forks_within_min_margin
+           FROM pair_extremes""", {"reward_sid": params["reward_sid"]})[0]
+    return {k: int(v or 0) for k, v in row.items()}
 
 
 def unpaired_prompts(reg: Registry, params: dict) -> dict[str, int]:
@@ -217,22 +281,31 @@ def build_pairs(cfg: FlywheelConfig, run_id: str, iteration: int, judge_sid: str
     """`anchor_id`: the model whose candidates are the rejected side (`pairs.anchor`), or None for best vs worst."""
     rho = cfg.pairs.rho_for(iteration)
     weights = active_weights(cfg)
+    step_mode = cfg.pairs.mode == "step"
+    if step_mode:  # chosen by the step signals alone
+        weights = [w for w in weights if w["signal"] in cfg.steps.signals()]
+        if reward_sid is None:
+            raise ValueError("pairs.mode=step needs the reward stage's steps and step rewards (steps.split)")
     inputs = {"judgments": judge_sid, "rewards": reward_sid, "weights": weights, "rho": rho,
               "min_margin": cfg.pairs.min_margin}
     if anchor_id is not None:
         inputs["anchor"] = anchor_id
+    if step_mode:
+        inputs["mode"] = "step"
 
     def work(reg: Registry, sid: str) -> dict:
         weights_json = json.dumps({w["signal"]: w["weight"] for w in weights})
         params = dict(**_score_params(cfg, judge_sid, reward_sid), weights_json=weights_json, rho=rho, sid=sid,
                       run_id=run_id, iteration=iteration, config_hash=cfg.config_hash(),
-                      min_margin=cfg.pairs.min_margin, anchor=anchor_id)
+                      min_margin=cfg.pairs.min_margin, anchor=anchor_id, mode=cfg.pairs.mode)
         table = prepared_rows(sid)  # left for run_stage's freeze, which writes the versions from it and drops it
         try:
             with reg.transaction() as con:
                 select_pairs(con, params, table)
             # the pairs just selected (the rows inserted, or those a crashed attempt had committed: the same)
-            unpaired = unpaired_prompts(reg, params)
+            unpaired = unpaired_step_prompts(reg, params) if step_mode else unpaired_prompts(reg, params)
+            forks = reg.rows("SELECT avg(fork_step) AS mean_step, histogram(fork_step) AS at FROM pair_extremes "
+                             "WHERE chosen_row IS NOT NULL")[0] if step_mode else None
             stats = reg.rows(
                 f"SELECT (SELECT count(*) FROM pair_extremes) AS prompts, count(*) AS pairs, "
                 f"avg(chosen_score - rejected_score) AS mean_margin, avg(chosen_longer::INT) AS chosen_longer, "
@@ -248,6 +321,9 @@ def build_pairs(cfg: FlywheelConfig, run_id: str, iteration: int, judge_sid: str
                 "mean_margin": round(stats["mean_margin"], 3) if stats["pairs"] else None,
                 "chosen_longer": round(stats["chosen_longer"], 3) if stats["pairs"] else None,
                 "signals": [w["signal"] for w in weights], "rho": rho,
-                **({"anchor": anchor_id, "anchored": stats["pairs"]} if anchor_id is not None else {})}
+                **({"anchor": anchor_id, "anchored": stats["pairs"]} if anchor_id is not None else {}),
+                **({"mode": "step", "fork_step_mean": None if forks["mean_step"] is None else
+                    round(forks["mean_step"], 3), "fork_steps": {str(k): v for k, v in (forks["at"] or {}).items()}}
+                   if step_mode else {})}
 
     return run_stage(cfg, "pairs", run_id, iteration, None, inputs, work)

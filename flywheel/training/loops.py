@@ -12,6 +12,14 @@ Prompts and answers go through the model's chat template (one user turn, one ass
 GRPO/RLOO reward function receives `completions` as conversations, `[[{"role": "assistant", "content": text}], ...]`,
 and every other dataset column (here `reference`) as a keyword argument with one value per completion.
 On CPU we turn off what TRL defaults to for GPUs (bf16, gradient checkpointing): both fail or crawl there.
+
+Step credit (GRPO/RLOO with `step_credit`, opt-in via `steps.credit`): TRL gives each completion one sequence-level
+advantage. With a step credit function (flywheel.stages.steps.online_step_rewards) the trainers are small subclasses
+(`StepCreditGRPOTrainer`, `StepCreditRLOOTrainer`) that also score each completion's steps, place each step's reward on
+the token holding its last character, and add process-supervised advantages as in DeepSeekMath: the step rewards
+normalised within the prompt's group of completions, token t given the sum of those of the steps ending at or after
+it (`process_advantages`); the final per-token advantage is outcome + weight * step. Without one, TRL's own trainers
+run unchanged.
 """
 
 from __future__ import annotations
@@ -28,12 +36,22 @@ from typing import Any, Callable, Iterator
 import datasets
 import torch
 import transformers
+from accelerate.utils import gather_object
 from datasets import Dataset
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from trl import DPOConfig as TRLDPOConfig
-from trl import DPOTrainer, GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer, SFTConfig, SFTTrainer
+from trl import (
+    DPOTrainer,
+    GRPOConfig,
+    GRPOTrainer,
+    RLOOConfig,
+    RLOOTrainer,
+    SFTConfig,
+    SFTTrainer,
+)
 
 from .. import timing
+from ..stages.steps import steps_at_tokens
 
 # Keep the trainers' own step progress bar; silence per-map bars, load/save bars and a deprecation TRL triggers.
 datasets.disable_progress_bars()
@@ -45,7 +63,8 @@ warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is depr
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 DPO_METRICS = ("rewards/margins", "rewards/accuracies", "rewards/chosen", "rewards/rejected")
-ONLINE_METRICS = ("reward", "reward_std", "kl", "entropy", "completions/mean_length", "completions/clipped_ratio")
+ONLINE_METRICS = ("reward", "reward_std", "kl", "entropy", "completions/mean_length", "completions/clipped_ratio",
+                  "step_reward", "steps_per_response")
 
 # Config attributes that hold a dropout probability, across common architectures (Llama has attention_dropout only).
 DROPOUT_KEYS = ("attention_dropout", "hidden_dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop",
@@ -113,7 +132,7 @@ def _final_metrics(trainer, train_output, keys: tuple[str, ...] = DPO_METRICS) -
         last = logs[-1]
         wanted = [*keys, *(k for k in last if k.startswith("rewards/") and k.endswith("/mean"))]
         for key in dict.fromkeys(wanted):
-            if key in last:
+            if last.get(key) is not None:  # TRL logs None for a metric with no valid value in the window
                 metrics[key.replace("/", "_")] = float(last[key])
     return metrics
 
@@ -299,9 +318,102 @@ def dpo_train(model, tokenizer, pairs: list[dict], *, beta: float, lr: float, ep
 RewardFunc = Callable[..., list[float]]
 
 
+def process_advantages(steps: list[list[tuple[int, float]]], group: int, length: int) -> torch.Tensor:
+    """Process-supervised advantages (DeepSeekMath), [len(steps), length]: per completion, (token index, reward) per
+    step; completions in consecutive groups of `group` (one prompt's). A group's step rewards are normalised by the
+    mean and std of all of them (a std of 0, or a single step, only subtracts the mean); token t gets the sum of the
+    normalised rewards of its completion's steps ending at or after t."""
+    out = torch.zeros(len(steps), length)
+    for g in range(0, len(steps), group):
+        values = torch.tensor([v for rows in steps[g : g + group] for _, v in rows], dtype=torch.float32)
+        if not len(values):
+            continue
+        mean, std = values.mean(), values.std() if len(values) > 1 else torch.tensor(0.0)
+        for i in range(g, min(g + group, len(steps))):
+            for index, value in steps[i]:
+                out[i, index] += (value - mean) / std if std > 0 else value - mean
+    return out.flip(1).cumsum(1).flip(1)
+
+
+class _StepCredit:
+    """What both step-credit trainers add to TRL's: the step credit function and its weight, and the completions' step
+    advantages (`process_advantages`), [batch, completion length], with the step metrics logged."""
+
+    def __init__(self, *args, step_credit, step_credit_weight: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.step_credit, self.step_credit_weight = step_credit, step_credit_weight
+
+    def _step_advantages(self, inputs, output) -> torch.Tensor:
+        ids, mask = output["completion_ids"], output["completion_mask"]
+        rows = [row[: int(n)] for row, n in zip(ids.tolist(), mask.sum(1).tolist())]
+        texts = self.processing_class.batch_decode(rows, skip_special_tokens=True)  # as TRL decodes completions
+        prompts = [x["prompt"][-1]["content"] if isinstance(x["prompt"], list) else x["prompt"] for x in inputs]
+        credits = self.step_credit(prompts, texts, [x.get("reference") for x in inputs])
+        local = [steps_at_tokens(self.processing_class, r, c) for r, c in zip(rows, credits)]
+        everyone = gather_object(local)  # groups may span processes: normalise over the whole batch, keep ours
+        width = max([ids.shape[1], *(i + 1 for s in everyone for i, _ in s)])
+        mode = "train" if self.model.training else "eval"
+        group = self.num_generations if mode == "train" else self.num_generations_eval
+        start = self.accelerator.process_index * len(local)
+        advantages = process_advantages(everyone, group, width)[start : start + len(local)]
+        values = [v for s in everyone for _, v in s]
+        self._metrics[mode]["step_reward"].append(sum(values) / len(values) if values else float("nan"))
+        self._metrics[mode]["steps_per_response"].append(len(values) / len(everyone))
+        return advantages[:, : ids.shape[1]].to(ids.device) * mask
+
+
+class StepCreditGRPOTrainer(_StepCredit, GRPOTrainer):
+    """GRPO with per-token advantages, outcome + weight * step, [batch, length]: TRL's GRPO loss takes them as they
+    are (its `_compute_loss` keeps a 2-d `advantages`)."""
+
+    def _generate_and_score_completions(self, inputs):
+        output = super()._generate_and_score_completions(inputs)
+        step = self._step_advantages(inputs, output)
+        output["advantages"] = output["advantages"][:, None] + self.step_credit_weight * step
+        return output
+
+
+class StepCreditRLOOTrainer(_StepCredit, RLOOTrainer):
+    """RLOO with step credit. TRL's RLOO loss is sequence-level: one ratio of summed log-probabilities times a (batch,)
+    advantage, so a 2-d advantage cannot pass through it. The outcome advantages stay as TRL computes them and the step
+    advantages ride beside them (`step_advantages`); `_compute_loss` adds their per-token policy-gradient term,
+    -sum_t weight * step_t * exp(logp_t - sg(logp_t)) per completion (the ratio is 1; its gradient is that of
+    weight * step_t * logp_t), averaged over completions as RLOO averages its own sequence term, so outcome and step
+    advantages act on the same scale; the per-token log-probs are those TRL's loss just computed
+    (kept by `_get_per_token_logps_and_entropies`), so no second forward pass. That term is on-policy: exact when the
+    completions were sampled by the weights being trained (num_iterations 1 and one generation per optimizer step,
+    TRL's defaults and flywheel's), and refused otherwise."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.args.num_iterations > 1 or self.args.steps_per_generation > self.args.gradient_accumulation_steps:
+            raise ValueError("RLOO step credit is on-policy: it needs num_iterations 1 and steps_per_generation <= "
+                             "gradient_accumulation_steps")
+
+    def _generate_and_score_completions(self, inputs):
+        output = super()._generate_and_score_completions(inputs)
+        output["step_advantages"] = self.step_credit_weight * self._step_advantages(inputs, output)
+        return output
+
+    def _get_per_token_logps_and_entropies(self, *args, **kwargs):
+        out = super()._get_per_token_logps_and_entropies(*args, **kwargs)
+        self._last_logps = out[0]
+        return out
+
+    def _compute_loss(self, model, inputs):
+        loss = super()._compute_loss(model, inputs)
+        logps, mask = self._last_logps, inputs["completion_mask"]
+        surrogate = torch.exp(logps - logps.detach()) * inputs["step_advantages"] * mask
+        return loss - surrogate.sum(1).mean()
+
+
+STEP_CREDIT_TRAINERS = {GRPOTrainer: StepCreditGRPOTrainer, RLOOTrainer: StepCreditRLOOTrainer}
+
+
 def _online_train(config_cls, trainer_cls, model, tokenizer, prompts: list[dict], reward_funcs: list[RewardFunc],
                   c, *, device: str, seed: int, reward_weights: list[float] | None,
-                  save_dir: str | Path | None, tracking: dict | None) -> dict[str, float]:
+                  save_dir: str | Path | None, tracking: dict | None, step_credit=None,
+                  step_credit_weight: float = 0.0) -> dict[str, float]:
     if c.batch_size % c.num_generations:
         raise ValueError(f"batch_size ({c.batch_size}) must be a multiple of num_generations ({c.num_generations}): "
                          "each step samples whole groups of completions per prompt")
@@ -312,6 +424,10 @@ def _online_train(config_cls, trainer_cls, model, tokenizer, prompts: list[dict]
             raise ValueError(f"reward function {f!r} has no __name__ (TRL names its metrics by it)")
     rows = {"prompt": [[{"role": "user", "content": p["prompt"]}] for p in prompts],
             "reference": [p.get("reference") for p in prompts]}
+    credit = {}
+    if step_credit is not None:
+        trainer_cls = STEP_CREDIT_TRAINERS[trainer_cls]
+        credit = {"step_credit": step_credit, "step_credit_weight": step_credit_weight}
     with tempfile.TemporaryDirectory() as out:
         args = config_cls(
             learning_rate=c.learning_rate, num_generations=c.num_generations, per_device_train_batch_size=c.batch_size,
@@ -320,22 +436,25 @@ def _online_train(config_cls, trainer_cls, model, tokenizer, prompts: list[dict]
             **_common_args(device, seed, out, tracking),
         )
         trainer = _quiet(trainer_cls(model=model, reward_funcs=list(reward_funcs), args=args,
-                                     train_dataset=Dataset.from_dict(rows), processing_class=tokenizer))
+                                     train_dataset=Dataset.from_dict(rows), processing_class=tokenizer, **credit))
         return _finish(trainer, tokenizer, ONLINE_METRICS, save_dir)
 
 
 def grpo_train(model, tokenizer, prompts: list[dict], reward_funcs: list[RewardFunc], cfg_section, *, device: str,
-               seed: int, reward_weights: list[float] | None = None,
-               save_dir: str | Path | None = None, tracking: dict | None = None) -> dict[str, float]:
+               seed: int, reward_weights: list[float] | None = None, save_dir: str | Path | None = None,
+               tracking: dict | None = None, step_credit=None, step_credit_weight: float = 0.0) -> dict[str, float]:
     """GRPO (TRL) on {"prompt", "reference"} rows: `num_generations` samples per prompt, advantages relative to the
-    group, a KL penalty of `beta` against the starting model (0 loads no reference). `cfg_section`: OnlineRLConfig."""
+    group, a KL penalty of `beta` against the starting model (0 loads no reference). `cfg_section`: OnlineRLConfig.
+    `step_credit(prompts, completions, references)`: step rewards, credited with `step_credit_weight` (docstring)."""
     return _online_train(GRPOConfig, GRPOTrainer, model, tokenizer, prompts, reward_funcs, cfg_section,
-                         device=device, seed=seed, reward_weights=reward_weights, save_dir=save_dir, tracking=tracking)
+                         device=device, seed=seed, reward_weights=reward_weights, save_dir=save_dir, tracking=tracking,
+                         step_credit=step_credit, step_credit_weight=step_credit_weight)
 
 
 def rloo_train(model, tokenizer, prompts: list[dict], reward_funcs: list[RewardFunc], cfg_section, *, device: str,
-               seed: int, reward_weights: list[float] | None = None,
-               save_dir: str | Path | None = None, tracking: dict | None = None) -> dict[str, float]:
+               seed: int, reward_weights: list[float] | None = None, save_dir: str | Path | None = None,
+               tracking: dict | None = None, step_credit=None, step_credit_weight: float = 0.0) -> dict[str, float]:
     """RLOO (TRL): as `grpo_train`, with each sample's baseline the mean reward of the other samples of its prompt."""
     return _online_train(RLOOConfig, RLOOTrainer, model, tokenizer, prompts, reward_funcs, cfg_section,
-                         device=device, seed=seed, reward_weights=reward_weights, save_dir=save_dir, tracking=tracking)
+                         device=device, seed=seed, reward_weights=reward_weights, save_dir=save_dir, tracking=tracking,
+                         step_credit=step_credit, step_credit_weight=step_credit_weight)

@@ -5,6 +5,10 @@
 They train with `flywheel.signals.reward_functions`: the signals given a weight in `reward.weights` (the coherent
 reward, which loads the SFT and PT models; rule rewards, which read each prompt's `reference`), combined by TRL with
 those weights. The KL anchor (when the section's beta > 0) is the starting policy, M_t.
+
+Step credit (opt-in: `steps.credit` > 0, with `steps.split` and `steps.rule`): beside the sequence-level rewards, the
+step rule scores each completion's steps and the trainers add process-supervised per-token advantages, weighted by
+`steps.credit` (flywheel/training/loops.py: `process_advantages`). The `steps` section then joins the stage's inputs.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from ..registry.integrity import model_path
 from ..registry.reads import kept_prompts
 from ..signals import online_signals, reward_functions, reward_weights
 from ..stage import IterationState, StageContext, StageResult
+from ..stages.steps import online_step_rewards
 from .common import coherent_models, loops, process_device, train_stage
 from .job import NoTrainingDataError, Trainer, TrainJob
 
@@ -32,6 +37,8 @@ def online_stage(trainer: Trainer, ctx: StageContext, state: IterationState) -> 
     inputs = {"model": model_id, "prompts": state.prompts, "cfg": c.model_dump(mode="json"),
               "reward": cfg.reward.model_dump(mode="json"), "sft": state.m1 if coherent else None,
               "pt": state.pt if coherent else None, "seed": cfg.run.seed}
+    if cfg.steps.credit > 0:  # only then: the stage ids of runs without step credit stay what they were
+        inputs["steps"] = cfg.steps.model_dump(mode="json")
 
     def make_job(reg: Registry, sid: str) -> tuple[TrainJob, dict]:
         rows = kept_prompts(reg, state.prompts)
@@ -63,7 +70,9 @@ def _fit(trainer: str, loop: str):
         funcs = reward_functions(cfg, sft, pt, tokenizer, process_device(common["device"]))
         weights = reward_weights(cfg)
         metrics = getattr(loops(), loop)(model, tokenizer, job.rows, funcs, getattr(cfg, trainer),
-                                         reward_weights=weights, tracking=job.tracking, **common)
+                                         reward_weights=weights, tracking=job.tracking,
+                                         step_credit=online_step_rewards(cfg), step_credit_weight=cfg.steps.credit,
+                                         **common)
         return {**metrics, "train_config_extra": {"reward_functions": {f.__name__: w for f, w in zip(funcs, weights)}}}
 
     return fit

@@ -7,10 +7,11 @@ One PPO step: sample one response per prompt from the policy (a batch of `rollou
 a shuffled list), score each with `reward_fn(prompts, responses) -> list[float]`, then `ppo_epochs` passes of
 minibatch updates. Per response token t the reward is the KL penalty -kl_coef * (log pi(t) - log ref(t)); the
 sequence-level score (whitened over the batch when `whiten_rewards`) is added at the response's last token (its eos,
-or the last token when max_new_tokens cut it): SRPPO credits the coherent reward at the end, since per-token credit
-invites length degeneration. GAE (gamma, lam) gives advantages (whitened) and returns; the policy minimises the
-clipped surrogate and the critic the clipped value loss; gradients are clipped to max_grad_norm. Log-probabilities,
-for the ratio and for the KL, are those of the sampling distribution (logits / temperature); top-p is not modelled.
+or the last token when max_new_tokens cut it): SRPPO credits the coherent reward at the end, since crediting it per
+token invites length degeneration (per-step credit is opt-in: `steps.credit`, below). GAE (gamma, lam) gives
+advantages (whitened) and returns; the policy minimises the clipped surrogate and the critic the clipped value loss;
+gradients are clipped to max_grad_norm. Log-probabilities, for the ratio and for the KL, are those of the sampling
+distribution (logits / temperature); top-p is not modelled.
 
 The critic is a separate copy of the policy's transformer body with a linear value head on its last hidden state, not
 a head on the policy itself: the value loss never moves the policy's weights (no value-loss coefficient to tune
@@ -18,6 +19,12 @@ against the surrogate), and the critic learns at its own rate (`value_learning_r
 memory. Dropout is off throughout (eval mode), so the ratio is exactly 1 on the first minibatch. Trainable weights are
 kept in float32 (bfloat16 cannot hold updates of lr ~1e-6) with bfloat16 autocast on CUDA; the policy is cast back
 to its original dtype at the end.
+
+Step credit (opt-in, `steps.credit` > 0; off by default): a process reward beside the sequence score. `step_credit`
+(flywheel.stages.steps.online_step_rewards) scores the steps of each response text, one (end_char, value) per step;
+`weight * value` is added to the reward of the token holding the step's last character (`flywheel.stages.steps.steps_at_tokens`: the
+response's token ids decoded prefix by prefix, the `.strip()` of the text accounted for), so GAE credits each step
+where it ends. The step metrics then hold `step_reward` (mean step value) and `steps_per_response`.
 """
 
 from __future__ import annotations
@@ -37,8 +44,15 @@ from ..config import FlywheelConfig, PPOConfig
 from ..registry import Registry
 from ..registry.integrity import model_path
 from ..registry.reads import kept_prompts
-from ..signals import chat_prompt, check_same_tokenizer, coherent_rewards, pad, pad_id_of
+from ..signals import (
+    chat_prompt,
+    check_same_tokenizer,
+    coherent_rewards,
+    pad,
+    pad_id_of,
+)
 from ..stage import IterationState, StageContext, StageResult
+from ..stages.steps import online_step_rewards, steps_at_tokens
 from .common import coherent_models, train_stage
 from .job import NoTrainingDataError, Trainer, TrainJob
 
@@ -108,16 +122,33 @@ def _rollout(policy, tokenizer, prompts: list[str], c: PPOConfig, device: str, a
     response_mask = torch.zeros(seqs.shape[0], seqs.shape[1] - 1)  # aligned with the shifted targets ids[:, 1:]
     for i, (p, r) in enumerate(zip(prompt_ids, responses)):
         response_mask[i, len(p) - 1 : len(p) - 1 + len(r)] = 1
-    texts = [tokenizer.decode([t for t in r if t != eos], skip_special_tokens=True).strip() for r in responses]
-    return seqs.to(device), seq_mask.to(device), response_mask.to(device), texts
+    responses = [[t for t in r if t != eos] for r in responses]  # eos only ever ends a response
+    texts = [tokenizer.decode(r, skip_special_tokens=True).strip() for r in responses]
+    return seqs.to(device), seq_mask.to(device), response_mask.to(device), texts, responses
+
+
+def add_step_rewards(rewards, mask, token_steps: list[list[tuple[int, float]]], weight: float) -> None:
+    """In place: `weight * value` on each step's token, (token index within the response, value) per response row;
+    `rewards` and `mask` [batch, length - 1], aligned with the shifted targets (mask 1 on the response's tokens)."""
+    first = mask.argmax(1).tolist()  # each response's first column
+    for row, steps in enumerate(token_steps):
+        for index, value in steps:
+            rewards[row, first[row] + index] += weight * value
 
 
 def ppo_train(policy, ref_model, tokenizer, prompts: list[str], reward_fn, cfg: PPOConfig, *, device: str, seed: int,
-              progress: bool = True) -> dict:
+              progress: bool = True, references: list[str | None] | None = None, step_credit=None,
+              step_credit_weight: float = 0.0) -> dict:
     """Train `policy` in place; returns the last step's metrics and `history`, one dict per step (reward: mean raw
-    score of that step's fresh samples; kl: mean over responses of sum_t log pi - log ref; pg_loss, vf_loss, ...)."""
+    score of that step's fresh samples; kl: mean over responses of sum_t log pi - log ref; pg_loss, vf_loss, ...).
+    `step_credit(prompts, responses, references)` (optional; `references` aligned with `prompts`) gives step rewards,
+    credited with `step_credit_weight` at each step's last token (the module docstring)."""
     if not prompts:
         raise ValueError("PPO needs at least one prompt")
+    references = references if references is not None else [None] * len(prompts)
+    if len(references) != len(prompts):
+        raise ValueError(f"{len(references)} references for {len(prompts)} prompts")
+    credit = (step_credit, step_credit_weight) if step_credit is not None else None
     c = cfg
     torch.manual_seed(seed)
     order = torch.Generator().manual_seed(seed)
@@ -137,9 +168,9 @@ def ppo_train(policy, ref_model, tokenizer, prompts: list[str], reward_fn, cfg: 
         for step in range(c.steps):
             while len(queue) < c.rollout_batch_size:
                 queue += torch.randperm(len(prompts), generator=order).tolist()
-            batch, queue = [prompts[i] for i in queue[: c.rollout_batch_size]], queue[c.rollout_batch_size :]
-            history.append(_step(policy, ref_model, critic, optimizer, tokenizer, batch, reward_fn, c, device,
-                                 autocast, order))
+            picked, queue = queue[: c.rollout_batch_size], queue[c.rollout_batch_size :]
+            history.append(_step(policy, ref_model, critic, optimizer, tokenizer, [prompts[i] for i in picked],
+                                 reward_fn, c, device, autocast, order, [references[i] for i in picked], credit))
             log.info("ppo step %d/%d: %s", step + 1, c.steps, {k: round(v, 4) for k, v in history[-1].items()})
             if bar:
                 h = history[-1]
@@ -152,9 +183,9 @@ def ppo_train(policy, ref_model, tokenizer, prompts: list[str], reward_fn, cfg: 
 
 
 def _step(policy, ref_model, critic, optimizer, tokenizer, prompts, reward_fn, c: PPOConfig, device, autocast,
-          order) -> dict:
+          order, references, credit) -> dict:
     policy.eval()
-    ids, attn, mask, texts = _rollout(policy, tokenizer, prompts, c, device, autocast)
+    ids, attn, mask, texts, responses = _rollout(policy, tokenizer, prompts, c, device, autocast)
     scores = torch.tensor([float(s) for s in reward_fn(prompts, texts)], device=device)
     with torch.no_grad(), timing.compute(), autocast():
         old_logp = _logprobs(policy, ids, attn, c.temperature) * mask
@@ -165,6 +196,15 @@ def _step(policy, ref_model, critic, optimizer, tokenizer, prompts, reward_fn, c
     last = mask.shape[1] - 1 - mask.flip(1).argmax(1)  # index of each response's last token
     rows = torch.arange(len(prompts), device=device)
     rewards[rows, last] += _whiten(scores) if c.whiten_rewards else scores
+    step_stats = {}
+    if credit:
+        step_credit, weight = credit
+        token_steps = [steps_at_tokens(tokenizer, r, s, stripped=True)
+                       for r, s in zip(responses, step_credit(prompts, texts, references))]
+        add_step_rewards(rewards, mask, token_steps, weight)
+        values = [v for steps in token_steps for _, v in steps]
+        step_stats = {"step_reward": sum(values) / len(values) if values else 0.0,
+                      "steps_per_response": len(values) / len(token_steps)}
     advantages, returns = _gae(rewards, old_values, mask, c.gamma, c.lam)
     advantages = _whiten(advantages, mask)
 
@@ -192,14 +232,20 @@ def _step(policy, ref_model, critic, optimizer, tokenizer, prompts, reward_fn, c
                 stats["vf_loss"].append(vf_loss.item())
                 stats["clipfrac"].append(_masked_mean(((ratio - 1).abs() > c.clip_range).float(), m).item())
                 stats["approx_kl"].append(_masked_mean(old_logp[mb] - logp, m).item())
-    return {"reward": scores.mean().item(), "kl": kl.sum(1).mean().item(),
-            "response_tokens": mask.sum(1).mean().item(), **{k: sum(v) / len(v) for k, v in stats.items()}}
+    return {"reward": scores.mean().item(), "kl": kl.sum(1).mean().item(), "response_tokens": mask.sum(1).mean().item(),
+            **step_stats, **{k: sum(v) / len(v) for k, v in stats.items()}}
 
 
 def _progress_bar(enabled: bool, total: int):
     if not enabled:
         return None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
 
     bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    transient=True)
@@ -209,11 +255,14 @@ def _progress_bar(enabled: bool, total: int):
 
 def train_ppo(ctx: StageContext, state: IterationState) -> StageResult:
     """M_{t+1} = PPO of M_t on the kept prompts of `state.prompts`, rewarded by the coherent reward of the SFT and PT
-    models (`state.m1`, `state.pt`), with the SFT model as the KL reference."""
+    models (`state.m1`, `state.pt`), with the SFT model as the KL reference; with `steps.credit` > 0, step rewards
+    too (the module docstring)."""
     cfg, model_id = ctx.cfg, state.model
     inputs = {"model": model_id, "prompts": state.prompts, "sft": state.m1, "pt": state.pt,
               "cfg": cfg.ppo.model_dump(mode="json"), "normalize_by_length": cfg.reward.normalize_by_length,
               "seed": cfg.run.seed}
+    if cfg.steps.credit > 0:  # only then: the stage ids of runs without step credit stay what they were
+        inputs["steps"] = cfg.steps.model_dump(mode="json")
 
     def make_job(reg: Registry, sid: str) -> tuple[TrainJob, dict]:
         rows = kept_prompts(reg, state.prompts)
@@ -221,8 +270,8 @@ def train_ppo(ctx: StageContext, state: IterationState) -> StageResult:
             raise NoTrainingDataError(f"PPO (iteration {ctx.iteration}): the prompt stage {state.prompts} kept no "
                                       "prompts")
         job = TrainJob("ppo", model_path(reg, model_id), str(reg.model_dir(sid)),
-                       [{"prompt": r["prompt"]} for r in rows], sft_path=model_path(reg, state.m1),
-                       pt_path=model_path(reg, state.pt))
+                       [{"prompt": r["prompt"], "reference": r["reference"]} for r in rows],
+                       sft_path=model_path(reg, state.m1), pt_path=model_path(reg, state.pt))
         return job, {"ref_model_id": state.m1, "stats": {"prompts": len(rows)}}
 
     return train_stage(ctx, TRAINER, model_id, inputs, make_job)
@@ -244,7 +293,8 @@ def fit_ppo(cfg: FlywheelConfig, job: TrainJob, policy, tokenizer, *, device: st
         return [s["value"] for s in scores]
 
     metrics = ppo_train(policy, sft, tokenizer, [r["prompt"] for r in job.rows], reward_fn, cfg.ppo, device=device,
-                        seed=seed)
+                        seed=seed, references=[r.get("reference") for r in job.rows],
+                        step_credit=online_step_rewards(cfg), step_credit_weight=cfg.steps.credit)
     save_atomically(policy, tokenizer, Path(save_dir))
     return {**metrics, "reward_first": metrics["history"][0]["reward"]}
 

@@ -1,6 +1,7 @@
 """Supervised fine-tuning, three ways, one fit: M1, the plain-SFT baseline, and rejection-sampling SFT.
 
     M1_SFT.stage(ctx, state)    # iteration 0: the base model (state.pt) on the seeds' IFT + EFT examples -> M1
+                                # (sft.mode skip: M1 is the base itself, R1-Zero; cold_start: a few seed chains)
     BASELINE.stage(ctx, state)  # trainer 'sft': M_t further on M1's own SFT data, no generation or judging
     RS_SFT.stage(ctx, state)    # trainer 'rs-sft': M_t on the best candidate per prompt by the combined score
 
@@ -55,14 +56,24 @@ def fit_sft(cfg: FlywheelConfig, job: TrainJob, model, tokenizer, **common) -> d
 
 # --- M1 --------------------------------------------------------------------------------------------------------------
 
+NOT_IN_KEY = {"lora", "mode", "cold_start_examples"}  # settings in the SFT stages' keys only where they apply
+
+
 def train_m1(ctx: StageContext, state: IterationState) -> StageResult:
-    """M1: SFT of the base model (`state.pt`) on IFT (seed answers) and, by default, EFT (judge-training) examples."""
+    """M1: SFT of the base model (`state.pt`) on IFT (seed answers) and, by default, EFT (judge-training) examples.
+    `sft.mode`: 'skip' registers the base itself as M1 (no training: R1-Zero, RL straight from the base);
+    'cold_start' trains on only the first `sft.cold_start_examples` seed answers, no EFT (R1's cold start)."""
     cfg = ctx.cfg
+    if cfg.sft.mode == "skip":
+        return base_as_m1(ctx, state)
     with ctx.registry() as reg:
         judge_text, judge_hash = load_template(reg, cfg.judge.template, "judge")
     lora = cfg.sft.lora.resolved(resolve_device(cfg.run.device), cfg.scratch)
-    inputs = {"base": state.pt, "seeds": state.seeds, "sft": cfg.sft.model_dump(exclude={"lora"}),
-              "eft": cfg.seeds.eft, "judge_template": judge_hash, "seed": cfg.run.seed}
+    cold = cfg.sft.mode == "cold_start"
+    inputs = {"base": state.pt, "seeds": state.seeds, "sft": cfg.sft.model_dump(exclude=NOT_IN_KEY),
+              "eft": cfg.seeds.eft and not cold, "judge_template": judge_hash, "seed": cfg.run.seed}
+    if cold:
+        inputs["cold_start_examples"] = cfg.sft.cold_start_examples
     if lora.enabled:
         inputs["lora"] = lora.model_dump(mode="json")
     verdict_only = cfg.judge.mode == "prob"  # the probability judge reads the score right after 'Score:'
@@ -71,14 +82,33 @@ def train_m1(ctx: StageContext, state: IterationState) -> StageResult:
     s = cfg.sft
 
     def make_job(reg: Registry, sid: str) -> tuple[TrainJob, dict]:
-        examples, counts = sft_examples(reg, state.seeds, judge_text, eft=cfg.seeds.eft, seed=cfg.run.seed,
-                                        verdict_only=verdict_only)
+        examples, counts = sft_examples(reg, state.seeds, judge_text, eft=cfg.seeds.eft and not cold,
+                                        seed=cfg.run.seed, verdict_only=verdict_only)
+        if cold:  # the first seed chains, in the seed file's order
+            examples = examples[:cfg.sft.cold_start_examples]
+            counts = {**counts, "ift": len(examples), "cold_start": True}
         settings = {"epochs": s.epochs, "lr": s.learning_rate, "batch_size": s.batch_size, "max_length": s.max_length,
                     "micro_batch_size": s.micro_batch_size, "lora": lora.model_dump(mode="json")}
         job = TrainJob("sft", model_path(reg, state.pt), str(reg.model_dir(sid)), examples, settings=settings)
         return job, {"dataset_version": f"sft-{content_hash(examples)}", "stats": counts}
 
     return train_stage(ctx, M1_SFT, state.pt, inputs, make_job)
+
+
+def base_as_m1(ctx: StageContext, state: IterationState) -> StageResult:
+    """sft.mode=skip: M1 is the base model, registered again under the name M1 (same folder, same weights hash), so
+    every later stage, the report and `flywheel experiment` read the chain PT -> M1 -> M2 as in any run."""
+    from ..stage import run_stage
+
+    def work(reg: Registry, sid: str) -> dict:
+        base = reg.model(state.pt)
+        path = model_path(reg, state.pt)  # present and unaltered
+        reg.register_model(model_id=sid, run_id=ctx.run_id, name="M1", kind="base", iteration=0,
+                           parent_id=state.pt, path=base["path"], stage_run_id=sid, config_hash=ctx.cfg.config_hash(),
+                           metrics={"sft": "skipped (sft.mode=skip)"}, weights_sha256=base["weights_sha256"])
+        return {"model_id": sid, "path": path, "sft": "skipped"}
+
+    return run_stage(ctx.cfg, "sft", ctx.run_id, 0, state.pt, {"base": state.pt, "mode": "skip"}, work)
 
 
 # --- the plain-SFT baseline (trainer 'sft') ------------------------------------------------------------------------
@@ -102,7 +132,8 @@ def train_baseline(ctx: StageContext, state: IterationState) -> StageResult:
     with ctx.registry() as reg:
         judge_text, judge_hash = load_template(reg, cfg.judge.template, "judge")
     budget = baseline_budget(cfg)
-    inputs = {"model": model_id, "seeds": state.seeds, "sft": cfg.sft.model_dump(mode="json"), "examples": budget,
+    inputs = {"model": model_id, "seeds": state.seeds, "sft": cfg.sft.model_dump(mode="json", exclude=NOT_IN_KEY - {"lora"}),
+              "examples": budget,
               "lr": baseline_learning_rate(cfg), "batch_size": cfg.dpo.batch_size,
               "eft": cfg.seeds.eft, "judge_template": judge_hash, "seed": cfg.run.seed}
 
