@@ -209,10 +209,11 @@ def test_the_results_table_has_a_step_accuracy_column_only_where_rows_have_it():
 
 
 @pytest.mark.slow
-def test_an_arith_experiment_runs_outcome_and_step_variants_end_to_end(tmp_path, one_torch_thread):
-    """configs/experiments/arith.yaml on a scratch model too small to learn, one iteration: the step variant splits
-    and scores every candidate's steps in the registry, any pair either variant trains on is right by ground truth,
-    and the results table carries step accuracy."""
+def test_an_arith_experiment_runs_every_variant_end_to_end(tmp_path, one_torch_thread):
+    """configs/experiments/arith.yaml on a scratch model too small to learn, one iteration, every variant (DPO on
+    outcome or step-wise pairs, GRPO with and without step credit, R1-Zero and a cold start): the step variants split
+    and score candidates' steps in the registry, the outcome rule's pairs are right by ground truth, R1-Zero's M1 is
+    the base itself, and the results table carries step accuracy."""
     from flywheel.analysis.experiment import load_experiment, run_experiment, write_results
     from flywheel.registry import Registry
 
@@ -225,18 +226,26 @@ def test_an_arith_experiment_runs_outcome_and_step_variants_end_to_end(tmp_path,
         "split_digits: true}}",
         "config.sft={epochs: 1, learning_rate: 3.0e-3, batch_size: 8, max_length: 256}",
         "config.self_instruct={num_prompts: 6}", "config.generate={n: 4, temperature: 1.0, max_new_tokens: 24}",
-        "config.dpo={learning_rate: 1.0e-4, epochs: 1, batch_size: 2, max_length: 256, dropout: 0.0}"])
+        "config.dpo={learning_rate: 1.0e-4, epochs: 1, batch_size: 2, max_length: 256, dropout: 0.0}",
+        "config.grpo={learning_rate: 1.0e-4, num_generations: 2, batch_size: 4, max_steps: 1, beta: 0.0, "
+        "temperature: 1.0, max_completion_length: 16}"])
     rows = run_experiment(exp, tmp_path)
     write_results(exp, tmp_path, rows)
-    assert {(r["variant"], r["model"]) for r in rows} >= {("outcome", "M1"), ("step", "M1")}
+    assert {(r["variant"], r["model"]) for r in rows} >= {(v, "M1") for v in exp.variants}
+    assert {(r["variant"], r["model"]) for r in rows} >= {("grpo-outcome", "M2"), ("grpo-step", "M2")}
     for r in rows:
         assert 0 <= r["accuracy"] <= 1 and 0 <= r["step_accuracy"] <= 1 and r["test_problems"] == 8
         if r["pairs"] and r["variant"] == "outcome":  # the exact-match rule's own pairs: right over wrong
             assert r["pair_accuracy"] == 1.0
+    m1 = {r["variant"]: r["model_id"] for r in rows if r["model"] == "M1"}
     with Registry(tmp_path) as reg:
         steps = reg.scalar("SELECT count(*) FROM steps")
         scored = reg.scalar("SELECT count(*) FROM step_rewards WHERE signal = 'step_rule' AND value IS NOT NULL")
-        cands = reg.scalar("SELECT count(DISTINCT candidate_id) FROM steps")
-    assert steps > 0 and scored == steps and cands == 6 * 4
+        per_stage = [n for (n,) in reg.con.execute(
+            "SELECT count(DISTINCT candidate_id) FROM steps GROUP BY stage_run_id").fetchall()]
+        r1, pt = reg.model(m1["r1-zero"]), reg.model(reg.model(m1["outcome"])["parent_id"])
+    assert steps > 0 and scored == steps and per_stage and all(0 < n <= 6 * 4 for n in per_stage)
+    assert (r1["kind"], r1["path"], r1["parent_id"]) == ("base", pt["path"], pt["model_id"])  # R1-Zero: M1 is PT
+    assert len({m1["outcome"], m1["r1-zero"], m1["cold-start"]}) == 3 and m1["outcome"] == m1["step"]
     md = (tmp_path / "experiments" / "arith" / "results.md").read_text()
     assert "step accuracy %" in md

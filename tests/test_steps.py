@@ -193,6 +193,12 @@ def test_step_pairs_take_the_deepest_fork_and_record_it(tmp_path):
     assert result.stats["unpaired"] == {"no_scored_step": 0, "no_fork": 1, "forks_within_min_margin": 1}
     assert result.stats["fork_steps"] == {"1": 1}
     assert train[0]["chosen"] == "1+2=3\n3+3=6" and train[0]["rejected"] == "1+2=3\n3+3=7"
+    from flywheel.analysis.report import _process
+
+    with Registry(cfg.registry.root) as reg:  # the report's figures, from the two stages' ledger rows
+        process = _process(reg, rewards.stage_run_id, result.stage_run_id)["process"]
+    assert (process["steps"], process["candidates"], process["fork_steps"]) == (12, 7, {"1": 1})
+    assert process["signals"]["step_rule"]["scored"] == 12
     # outcome pairs from the same step rewards (the aggregate as a signal): best vs worst, here c1 vs c2 or c3
     outcome_cfg = steps_registry(tmp_path / "o")
     rw = reward(outcome_cfg, "run", 1, "gen", "m-sft", "m-pt", "m-t")

@@ -388,6 +388,20 @@ def _meta_judge(reg: Registry, sid: str | None) -> dict:
     return {"meta_judge": {k: stats.get(k) for k in keys}} if stats else {}
 
 
+def _process(reg: Registry, reward_sid: str | None, pairs_sid: str | None) -> dict:
+    """Process rewards' figures, from the ledger stats of the reward stage (steps, step scores, the step judge's parse
+    failures) and of a step-wise pairs stage (the step each pair forked at), or {} when no steps were scored."""
+    def stats(sid):
+        row = reg.rows("SELECT stats FROM stage_runs WHERE stage_run_id = ? AND status = 'done'", [sid]) if sid else []
+        return json.loads(row[0]["stats"] or "{}") if row else {}
+
+    steps = stats(reward_sid).get("steps")
+    if not steps:
+        return {}
+    pairs = stats(pairs_sid)
+    return {"process": {**steps, "fork_steps": pairs.get("fork_steps") if pairs.get("mode") == "step" else None}}
+
+
 def human_agreement(reg: Registry, pairs_sid: str | None) -> dict:
     """Judge vs human, from the review labels of `flywheel browse` on the iteration's pairs (each person's latest
     label of a pair): {"human_labels": {agree, disagree, flag}, "human_agreement": the share of agree among agree +
@@ -408,7 +422,7 @@ def _iteration(reg: Registry, run_id: str, t: int, sids: dict[str, str]) -> dict
             **_prompts(reg, sids.get("self_instruct")),
             **_candidates(reg, sids.get("generate"), _model_in(reg, run_id, t)), **_judge(reg, sids.get("judge")),
             **_rewards(reg, run_id, t, sids.get("generate"), sids.get("judge")), **_pairs(reg, sids.get("pairs")),
-            **_meta_judge(reg, sids.get("meta_judge")),
+            **_meta_judge(reg, sids.get("meta_judge")), **_process(reg, sids.get("reward"), sids.get("pairs")),
             **human_agreement(reg, sids.get("pairs")),
             "examples": example_pairs(reg, sids.get("pairs"), sids.get("judge"))}
 
@@ -470,6 +484,17 @@ def detail_lines(it: dict) -> list[str]:
                      f"verdicts ({mj['parse_failures']} unparsed), {mj['judge_pairs']} judge-preference pairs (the "
                      f"higher-scored judgment preferred in {mj['higher_preferred']}); {mj['position_bias']} "
                      "candidates whose verdict flipped with the order")
+    if it.get("process"):
+        pr = it["process"]
+        per = "; ".join(f"{k}: mean {_fmt(v['mean'], '{:.3f}')} over {v['scored']} of {v['steps']} steps"
+                        for k, v in pr["signals"].items())
+        fails = ", ".join(f"{k} {v}" for k, v in pr.get("judge_parse_failures", {}).items())
+        forks = ", ".join(f"step {k}: {v}" for k, v in sorted((pr.get("fork_steps") or {}).items(),
+                                                                  key=lambda kv: int(kv[0])))
+        lines.append(f"process rewards: {pr['steps']} steps over {pr['candidates']} candidates "
+                     f"({_fmt(pr['mean_steps'], '{:.2f}')} each); {per}"
+                     + (f"; step-judge parse failures: {fails}" if fails else "")
+                     + (f"; step-wise pairs forked at {forks}" if forks else ""))
     if it.get("human_labels"):
         h, share = it["human_labels"], it["human_agreement"]
         lines.append(f"human review (`flywheel browse`): agreed with the judge on {_fmt(share, '{:.0%}')} of "
