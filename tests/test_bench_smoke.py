@@ -60,6 +60,16 @@ def test_reward():
     assert times(reward[3]) > 0
 
 
+def test_process_rewards():  # the script itself exits non-zero when a step pair does not fork where it says
+    table = by_first(run_bench("process_rewards", "--smoke"))
+    assert table["baseline: reward stage, outcome rule (exact_match)"][4] == "1.00x"
+    process = next(v for k, v in table.items() if k.startswith("process: reward stage"))
+    assert "steps" in process[2] and times(process[4]) > 0
+    executemany = next(v for k, v in table.items() if "executemany; insert_many patched" in k)
+    assert float(executemany[1]) > 0
+    assert int(table["build_pairs, step pairs (pairs.mode=step, step_rule)"][2].split()[0].replace(",", "")) > 0
+
+
 @pytest.fixture(scope="module")
 def api_env(prefect_api):
     import prefect.settings

@@ -328,3 +328,31 @@ def test_r1_zero_skips_m1_s_sft_and_a_cold_start_trains_on_a_few_seed_chains(tmp
         stats = json.loads(reg.scalar("SELECT stats FROM stage_runs WHERE stage_run_id = ?", [state2.m1]))
     assert row["kind"] == "sft" and row["parent_id"] == state.pt
     assert (stats["ift"], stats["eft"], stats["cold_start"]) == (3, 0, True)
+
+
+def test_the_browse_pair_page_shows_the_steps_and_marks_the_fork(tmp_path):
+    from flywheel.browse.pages import pair_page
+    from flywheel.registry.lineage import lineage
+
+    cfg = steps_registry(tmp_path, "pairs.mode=step")
+    rewards = reward(cfg, "run", 1, "gen", "m-sft", "m-pt", "m-t")
+    build_pairs(cfg, "run", 1, None, rewards.stage_run_id)
+    with Registry(cfg.registry.root) as reg:
+        html = pair_page(lineage(reg, reg.scalar("SELECT pair_id FROM pairs")), [])
+    assert html.count("<h4>steps (2)</h4>") == 2 and html.count("<b>1</b> (fork)") == 2
+    assert "step_rule 0</td>" in html and "3+3=7" in html
+
+
+def test_step_pairs_prefer_a_chosen_chain_right_to_its_end_among_forks_as_deep(tmp_path):
+    """c8 and c1 both fork from c2 at step 1 with the right step; c8 then writes a step too many (scored 0). The pair
+    takes c1, whose every step is right, so DPO's NLL term on the chosen text trains on no wrong step."""
+    cfg = steps_registry(tmp_path, "pairs.mode=step")
+    with Registry(cfg.registry.root) as reg:
+        insert_rows(reg, "candidates", [candidate_row("c8", "p1", "1+2=3\n3+3=6\n6+1=7", "gen")])
+    rewards = reward(cfg, "run", 1, "gen", "m-sft", "m-pt", "m-t")
+    build_pairs(cfg, "run", 1, None, rewards.stage_run_id)
+    with Registry(cfg.registry.root) as reg:
+        pair = reg.rows("SELECT * FROM pairs WHERE prompt_id = 'p1'")[0]
+    signals = json.loads(pair["signals"])
+    assert (pair["chosen_id"], pair["rejected_id"], signals["chosen"]["step"]) == ("c1", "c2", 1)
+    assert (signals["chosen"]["worst_step"], signals["rejected"]["worst_step"]) == (1.0, 0.0)

@@ -191,6 +191,17 @@ def pair_quality(reg, run_id: str, iteration: int, task=None) -> dict:
             "chosen_correct": sum(c == 1.0 for c, _ in vals) / len(vals)}
 
 
+NO_PAIRS = {"pairs": None, "pair_accuracy": None, "pair_inverted": None, "chosen_correct": None}
+
+
+def trains_on_pairs(cfg: FlywheelConfig, iteration: int) -> bool:
+    """Whether iteration `iteration`'s trainer trains on the pairs stage's pairs. GRPO, RLOO, PPO and plain SFT do
+    not (a pairs stage may still run for the report): their models were trained on 0 pairs."""
+    from ..training import TRAINERS
+
+    return "pairs" in TRAINERS[cfg.train.trainer_for(iteration)].consumes
+
+
 def own_judgments(reg, run_id: str, iteration: int, task=None) -> dict:
     """The judge's mean score (as M_t, in the loop) of iteration `iteration`'s right and wrong candidates: a judge
     that helps gives the right ones more."""
@@ -282,7 +293,8 @@ def run_experiment(exp: ExperimentConfig, root: Path, variants: list[str] | None
                 stops.append({"seed": seed, "variant": variant, "run_id": run_id, "reason": stopped})
             with Registry(root) as reg:
                 chain = model_chain(reg, run_id)
-                trained = [pair_quality(reg, run_id, t, task) for t in range(1, len(chain))]
+                trained = [pair_quality(reg, run_id, t, task) if trains_on_pairs(cfg, t)
+                           else {**NO_PAIRS, "pairs": 0} for t in range(1, len(chain))]
                 sampled = [candidate_accuracy(reg, run_id, t, task) for t in range(1, len(chain) + 1)]
                 judged = [own_judgments(reg, run_id, t, task) for t in range(1, len(chain) + 1)]
                 paths = {m["model_id"]: model_path(reg, m["model_id"]) for m in chain}  # hash-checked
@@ -296,8 +308,7 @@ def run_experiment(exp: ExperimentConfig, root: Path, variants: list[str] | None
                 row = {"seed": seed, "variant": variant, "model": model["name"], "model_id": model["model_id"],
                        "run_id": run_id, "run_seconds": round(seconds, 1),
                        **{k2: v for k2, v in scores.items() if k2 != "examples"},
-                       **(trained[k - 1] if k else {"pairs": None, "pair_accuracy": None, "pair_inverted": None,
-                                                    "chosen_correct": None}),
+                       **(trained[k - 1] if k else NO_PAIRS),
                        "sampled_accuracy": sampled[k], **judged[k]}  # as M_t in iteration t = k + 1, if it ran
                 rows.append(row)
                 if console:

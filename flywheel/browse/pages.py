@@ -213,6 +213,18 @@ def _rewards(c: dict) -> str:
     return table(["signal", "value", "details"], rows) if rows else ""
 
 
+def _steps(c: dict) -> str:
+    """The candidate's steps (process rewards) with their step scores; the step a step-wise pair forked at marked."""
+    fork = (c.get("signals") or {}).get("step")
+    rows = [[f"<b>{x['step_index']}</b> (fork)" if x["step_index"] == fork else str(x["step_index"]),
+             ", ".join(f"{escape(k)} {_num(v)}" if v is not None else f"{escape(k)} <span class='err'>none</span>"
+                       for k, v in sorted(x["scores"].items())) or "-",
+             f"<pre class='text'>{escape(x['text'])}</pre>"
+             + "".join(f"<span class='err small'>{escape(e)}</span>" for e in x["errors"][:1])]
+            for x in c.get("steps") or []]
+    return f"<h4>steps ({len(rows)})</h4>" + table(["#", "step rewards", "text"], rows, 'class="steps"') if rows else ""
+
+
 def _origin(prompt: dict) -> str:
     if prompt["source"] == "seed":
         return f"seed <code>{escape(str(prompt['seed_id']))}</code>"
@@ -244,7 +256,7 @@ def pair_page(r: dict, labels: list[dict], message: str = "", message_class: str
         f"{c.get('num_tokens', '?')} tokens, {escape(str(c.get('finish_reason')))}; model "
         f"{_model(c.get('model'), c.get('model_id'))}; sample {c.get('sample_index')}, seed {c.get('seed')}; "
         f"datasets {_versions(c['dataset_versions'])}</p><pre class='text' id='{role}-text'>{text}</pre>"
-        f"<h4>judge samples ({len(c['judgments'])})</h4>{_judgments(c)}{_rewards(c)}"
+        f"<h4>judge samples ({len(c['judgments'])})</h4>{_judgments(c)}{_rewards(c)}{_steps(c)}"
         f"<p class='small'>signals: {escape(json.dumps(c['signals'], default=str))}</p></div>"
         for role, c, text in (("chosen", ch, a), ("rejected", rj, b)))
     note = f'<p class="{message_class}" id="message">{escape(message)}</p>' if message else ""

@@ -22,11 +22,15 @@ statements and rows are what they were before anchoring existed.
 Step-wise pairs (`pairs.mode: step`, process rewards: flywheel/stages/steps.py): two candidates of a prompt that share
 their first k steps (equal `prefix_hash` at step k) and differ at step k are a fork; chosen is the one whose step k
 scores higher by the step reward (the weighted sum of the weighted step signals, `step_rule` / `step_judge`, at that
-step), rejected the other. Per prompt the deepest fork whose margin is above `pairs.min_margin` is kept (ties: the
-larger margin, then candidate ids): the more steps the two share, the more exactly the pair names the step that went
-wrong. The pair records the fork's step and where it starts in each text (`signals`); its training texts are the
-two whole candidates, whose shared prefix adds the same log-probability to both sides of DPO's margin (for the
-policy and the reference alike) and so cancels: the loss is on the continuations from the fork.
+step), rejected the other. Per prompt one fork whose margin is above `pairs.min_margin` is kept: the one whose chosen
+candidate's worst step scores highest (a chosen chain right to its end, when the prompt has one), then the deepest
+(the more steps the two share, the more exactly the pair names the step that went wrong), then the larger margin,
+then candidate ids. The pair records the fork's step, where it starts in each text and each side's worst step score
+(`signals`); its training texts are the two whole candidates, whose shared prefix adds the same log-probability to
+both sides of DPO's margin (for the policy and the reference alike) and so cancels: the loss is on the continuations
+from the fork. Whole texts, not the prefix plus the one step: a text cut after a step would end in the end-of-turn
+token there and teach the model to stop mid-chain; and the chosen side is preferred complete because the NLL term
+(`dpo.nll_weight`) trains on all of it.
 
 What the stage freezes: the pairs are selected and joined to their texts once, into a temp table in pair_id order
 (`flywheel.registry.datasets.prepared_rows`); the pairs table is filled from it, and `run_stage`'s freeze writes the stage's
@@ -110,7 +114,8 @@ EXTREMES_SQL = _extremes_sql(anchored=False)
 # Step-wise pairs: the same pair_extremes table (one row per prompt with a fork, rows named by candidates.rowid), from
 # the reward stage's steps and step rewards ($reward_sid). A step's score is the weighted sum of its weighted step
 # signals (a step missing one is not scored); a fork is two steps of one prompt at the same index with the same
-# prefix hash and different texts (each fork once), the higher-scored one chosen. `scored`: the prompt's candidates with a scored step.
+# prefix hash and different texts (each fork once), the higher-scored one chosen. `scored`: the prompt's candidates
+# with a scored step.
 STEP_EXTREMES_SQL = """
 CREATE OR REPLACE TEMP TABLE pair_extremes AS
 WITH step_scores AS (
@@ -121,26 +126,28 @@ WITH step_scores AS (
     GROUP BY r.step_id HAVING count(*) = len($weights)
 ), s AS (
     SELECT c.prompt_id, c.rowid AS candidate_row, st.candidate_id, st.step_index, st.text, st.start_char,
-           st.prefix_hash, ss.score, ss.raw
+           st.prefix_hash, ss.score, ss.raw, min(ss.score) OVER (PARTITION BY st.candidate_id) AS worst_step
     FROM steps st JOIN step_scores ss USING (step_id) JOIN candidates c USING (candidate_id)
     WHERE st.stage_run_id = $reward_sid
 ), forks AS (
-    SELECT a.prompt_id, a.step_index AS step, a.score - b.score AS margin,
-           {'row_id': a.candidate_row, 'score': a.score, 'raw': a.raw, 'at': a.start_char} AS ch,
-           {'row_id': b.candidate_row, 'score': b.score, 'raw': b.raw, 'at': b.start_char} AS rj,
+    SELECT a.prompt_id, a.step_index AS step, a.score - b.score AS margin, a.worst_step AS chosen_worst,
+           {'row_id': a.candidate_row, 'score': a.score, 'raw': a.raw, 'at': a.start_char,
+            'worst': a.worst_step} AS ch,
+           {'row_id': b.candidate_row, 'score': b.score, 'raw': b.raw, 'at': b.start_char,
+            'worst': b.worst_step} AS rj,
            a.candidate_id AS a_id, b.candidate_id AS b_id
     FROM s a JOIN s b ON a.prompt_id = b.prompt_id AND a.step_index = b.step_index
                      AND a.prefix_hash = b.prefix_hash AND a.text <> b.text
                      AND (a.score > b.score OR (a.score = b.score AND a.candidate_id < b.candidate_id))
 ), best AS (
-    SELECT prompt_id, arg_max({'ch': ch, 'rj': rj, 'step': step}, (step, margin, a_id, b_id)) AS f
+    SELECT prompt_id, arg_max({'ch': ch, 'rj': rj, 'step': step}, (chosen_worst, step, margin, a_id, b_id)) AS f
     FROM forks WHERE margin > $min_margin GROUP BY prompt_id
 )
 SELECT n.prompt_id, f.ch.row_id AS chosen_row, f.ch.score AS chosen_score,
-       json_object('step', f.step, 'at', f.ch.at, 'step_scores', f.ch.raw) AS chosen_raw,
+       json_object('step', f.step, 'at', f.ch.at, 'step_scores', f.ch.raw, 'worst_step', f.ch.worst) AS chosen_raw,
        f.rj.row_id AS rejected_row, f.rj.score AS rejected_score,
-       json_object('step', f.step, 'at', f.rj.at, 'step_scores', f.rj.raw) AS rejected_raw, n.scored, f.step AS fork_step,
-       n.forks
+       json_object('step', f.step, 'at', f.rj.at, 'step_scores', f.rj.raw, 'worst_step', f.rj.worst) AS rejected_raw,
+       n.scored, f.step AS fork_step, n.forks
 FROM (SELECT prompt_id, count(DISTINCT candidate_id) AS scored,
              (SELECT count(*) FROM forks WHERE forks.prompt_id = s.prompt_id) AS forks FROM s GROUP BY prompt_id) n
 LEFT JOIN best USING (prompt_id)
@@ -292,6 +299,7 @@ def build_pairs(cfg: FlywheelConfig, run_id: str, iteration: int, judge_sid: str
         inputs["anchor"] = anchor_id
     if step_mode:
         inputs["mode"] = "step"
+        inputs["step_selection"] = "complete-chosen, deepest fork"  # (the first selection was the deepest fork)
 
     def work(reg: Registry, sid: str) -> dict:
         weights_json = json.dumps({w["signal"]: w["weight"] for w in weights})

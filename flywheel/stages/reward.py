@@ -116,7 +116,7 @@ def reward(cfg: FlywheelConfig, run_id: str, iteration: int, candidates_sid: str
                     rows.append(dict(reward_id=rid(x["candidate_id"], rule.name), candidate_id=x["candidate_id"],
                                      signal=rule.name, value=value, error=error, details=details,
                                      policy_model_id=None, ref_model_id=None))
-            reg.insert("rewards", [{**r, **common, "created_at": now()} for r in rows])
+            reg.insert_many("rewards", [{**r, **common, "created_at": now()} for r in rows])
 
         stats = reg.rows("SELECT signal, count(*) AS n, avg(value) AS mean, count(*) FILTER (WHERE value IS NULL) "
                          "AS failures FROM rewards WHERE stage_run_id = ? GROUP BY signal ORDER BY signal", [sid])

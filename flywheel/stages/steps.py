@@ -1,5 +1,5 @@
-"""Process rewards: a candidate split into steps, a score per step, and the scores aggregated. Pure functions, no registry
-(the reward stage stores what these compute: flywheel/stages/reward.py).
+"""Process rewards: a candidate split into steps, a score per step, and the scores aggregated. Pure functions, no
+registry (the reward stage stores what these compute: flywheel/stages/reward.py).
 
     steps = split_steps(text, cfg.steps)                          # [Step(index, text, start, end)], spans in `text`
     values, error = rule_step_scores(load_step_rule(spec), spec, prompt, reference, [s.text for s in steps])
@@ -61,7 +61,7 @@ class Step:
     end: int
 
 
-# --- splitting ---------------------------------------------------------------------------------------------------------
+# --- splitting --------------------------------------------------------------------------------------------------------
 def _separators(text: str, c: StepsConfig) -> list[tuple[int, int]]:
     if c.split == "line":
         return [(m.start(), m.end()) for m in re.finditer(r"\r?\n", text)]
@@ -96,7 +96,7 @@ def prefix_hashes(texts: Sequence[str]) -> list[str]:
     return [content_hash(list(texts[:k]), 16) for k in range(len(texts))]
 
 
-# --- the step rule -----------------------------------------------------------------------------------------------------
+# --- the step rule ----------------------------------------------------------------------------------------------------
 def load_step_rule(spec: str) -> Callable:
     """The function `steps.rule` names ('module:function'); a ConfigError naming the setting when it cannot be had."""
     module_name, _, func_name = spec.partition(":")
@@ -130,7 +130,7 @@ def rule_step_scores(rule: Callable, spec: str, prompt: str, reference: str | No
     return [float(v) for v in values]
 
 
-# --- the step-level self-judge -----------------------------------------------------------------------------------------
+# --- the step-level self-judge ----------------------------------------------------------------------------------------
 def check_step_judge(cfg: FlywheelConfig) -> str:
     """The step judge's template text, refused before any work when it is missing or its fields are not exactly
     {instruction}, {previous_steps} and {step}."""
@@ -187,7 +187,7 @@ def step_verdicts(backend, template: str, items: Sequence[tuple[str, Sequence[st
     return out
 
 
-# --- aggregation -------------------------------------------------------------------------------------------------------
+# --- aggregation ------------------------------------------------------------------------------------------------------
 def aggregate(values: Sequence[float | None], how: str) -> float | None:
     """A candidate's outcome score from its step scores: min, product or mean; None when it has no step, or a step
     has no score (a chain with an unscored step is not scored, never counted as 0 or 1)."""
@@ -202,7 +202,7 @@ def aggregate(values: Sequence[float | None], how: str) -> float | None:
     raise ValueError(f"steps.aggregate: unknown aggregation {how!r}")
 
 
-# --- step credit for the online trainers --------------------------------------------------------------------------------
+# --- step credit for the online trainers ------------------------------------------------------------------------------
 StepCredit = Callable[[Sequence[str], Sequence[str], Sequence[str | None]], list[list[tuple[int, float]]]]
 
 
