@@ -8,6 +8,7 @@ import pytest
 
 from flywheel.analysis import arithworld as aw
 from flywheel.analysis.experiment import summarise, table
+from flywheel.analysis.miniworld import read_jsonl
 from flywheel.analysis.tasks import TASKS, ArithTask
 from flywheel.stages.seeds import load_seed_data
 
@@ -22,12 +23,12 @@ def world(tmp_path_factory):
 
 
 def _problems(path, key="prompt"):
-    return {r[key] for r in aw.read_jsonl(path)}
+    return {r[key] for r in read_jsonl(path)}
 
 
 def test_splits_are_disjoint_and_the_corpus_never_holds_a_test_problem(world):
     test, pool = _problems(world["test"]), _problems(world["pool"])
-    seeds = {r["prompt"]["text"] for r in aw.read_jsonl(world["seeds"])}
+    seeds = {r["prompt"]["text"] for r in read_jsonl(world["seeds"])}
     assert (len(test), len(seeds), len(pool)) == (25, 30, 40)
     assert not test & seeds and not test & pool and not seeds & pool
     docs = world["corpus"].read_text().strip().split("\n\n")
@@ -56,7 +57,7 @@ def test_the_same_seed_writes_the_same_bytes_and_another_seed_does_not(world, tm
 
 
 def test_every_running_value_stays_in_bounds_and_every_file_is_right(world):
-    rows = aw.read_jsonl(world["test"]) + aw.read_jsonl(world["pool"])
+    rows = read_jsonl(world["test"]) + read_jsonl(world["pool"])
     for r in rows:
         start, ops = aw.parse_prompt(r["prompt"])
         vals = aw.values_of((start, ops))
@@ -64,7 +65,7 @@ def test_every_running_value_stays_in_bounds_and_every_file_is_right(world):
         assert all(1 <= b <= SIZES.max_operand for _, b in ops)
         assert all(0 <= v <= SIZES.max_value for v in vals)
         assert r["reference"] == str(vals[-1])
-    for r in aw.read_jsonl(world["test"]):
+    for r in read_jsonl(world["test"]):
         assert aw.exact_match(r["prompt"], r["solution"], None) == 1.0
         assert aw.step_check(r["prompt"], r["reference"], r["solution"].splitlines()) == [1.0] * len(
             r["solution"].splitlines())
@@ -166,7 +167,7 @@ def test_seeds_load_as_oasst_with_the_true_chain_first(world):
     data = load_seed_data(world["seeds"], "oasst", max_chars=20000)
     assert data.format == "oasst" and len(data.ift) == 30 and len(data.ranked) == 30
     assert all(aw.exact_match(s.instruction, s.response, None) == 1.0 for s in data.ift)
-    for r in aw.read_jsonl(world["seeds"]):
+    for r in read_jsonl(world["seeds"]):
         prompt, (true, miss) = r["prompt"]["text"], r["prompt"]["replies"]
         assert aw.exact_match(prompt, true["text"], None) == 1.0 > aw.exact_match(prompt, miss["text"], None)
 

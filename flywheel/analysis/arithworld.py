@@ -37,7 +37,6 @@ The checkers (`python` rules; the step rule is what `steps.rule` names):
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from pathlib import Path
@@ -45,6 +44,7 @@ from pathlib import Path
 from pydantic import Field, model_validator
 
 from ..config import _Section
+from .miniworld import seed_tree, write_world
 
 _PROMPT = re.compile(r"^\s*Compute (\d+)((?:[+-]\d+)+)\.\s*$")
 _OP = re.compile(r"([+-])(\d+)")
@@ -291,25 +291,11 @@ class ArithWorld:
 
     def write(self, out: Path) -> dict[str, Path]:
         """Write the world's four files under `out` (same seed and sizes: same bytes) and return their paths."""
-        out.mkdir(parents=True, exist_ok=True)
         split = self.problems()
         rng = random.Random(f"arith-near-miss-{self.seed}")
-        seeds = [{"message_tree_id": f"arith-{i}", "prompt": {"text": prompt_of(p), "role": "prompter", "replies": [
-            {"text": solution_of(p), "role": "assistant", "rank": 0},
-            {"text": near_miss_chain(p, rng), "role": "assistant", "rank": 1}]}} for i, p in enumerate(split["seeds"])]
-        files = {"corpus": out / "corpus.txt", "seeds": out / "seeds.jsonl", "pool": out / "pool.jsonl",
-                 "test": out / "test.jsonl"}
-        files["corpus"].write_text("\n\n".join(self.corpus(set(split["test"]))) + "\n")
-        _jsonl(files["seeds"], seeds)
-        _jsonl(files["pool"], [{"prompt": prompt_of(p), "reference": reference_of(p)} for p in split["pool"]])
-        _jsonl(files["test"], [{"prompt": prompt_of(p), "reference": reference_of(p), "solution": solution_of(p)}
-                               for p in split["test"]])
-        return files
-
-
-def _jsonl(path: Path, rows: list[dict]) -> None:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+        seeds = [seed_tree(f"arith-{i}", prompt_of(p), solution_of(p), near_miss_chain(p, rng))
+                 for i, p in enumerate(split["seeds"])]
+        return write_world(out, self.corpus(set(split["test"])), seeds,
+                           [{"prompt": prompt_of(p), "reference": reference_of(p)} for p in split["pool"]],
+                           [{"prompt": prompt_of(p), "reference": reference_of(p), "solution": solution_of(p)}
+                            for p in split["test"]])

@@ -427,8 +427,11 @@ def plot(summary: list[dict], path: Path, title: str, metric: str = "exact match
     fig = Figure(figsize=(15, 4.5), layout="constrained")
     axes = fig.subplots(1, 3)
     variants = list(dict.fromkeys(e["variant"] for e in summary))
-    for key, ax, label in (("gain", axes[0], f"held-out {metric}: change from M1"),
-                           ("judge_agreement", axes[1], "judge agreement with ground truth"),
+    judged = any(e["judge_agreement"]["mean"] is not None for e in summary)
+    stepped = any(e.get("step_accuracy", {}).get("mean") is not None for e in summary)
+    middle = ("step_accuracy", axes[1], "held-out step accuracy") if stepped and not judged else \
+        ("judge_agreement", axes[1], "judge agreement with ground truth")  # no judge ran: the steps' figure
+    for key, ax, label in (("gain", axes[0], f"held-out {metric}: change from M1"), middle,
                            ("pair_accuracy", axes[2], "pairs right by ground truth (trained on)")):
         for v in variants:
             es = [e for e in summary if e["variant"] == v and e[key]["mean"] is not None]
@@ -445,7 +448,8 @@ def plot(summary: list[dict], path: Path, title: str, metric: str = "exact match
         ax.grid(alpha=0.3)
         ax.xaxis.get_major_locator().set_params(integer=True)
     axes[0].axhline(0, color="grey", lw=1, ls="--")
-    axes[1].axhline(0.5, color="grey", lw=1, ls="--")
+    if middle[0] == "judge_agreement":
+        axes[1].axhline(0.5, color="grey", lw=1, ls="--")  # chance
     axes[0].legend(fontsize=8)
     fig.suptitle(f"experiment {title}: mean ± sd over seeds")
     fig.savefig(path, dpi=100)

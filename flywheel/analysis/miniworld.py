@@ -152,20 +152,31 @@ class SortWorld:
 
     def write(self, out: Path) -> dict[str, Path]:
         """Write the world's four files under `out` (same seed and sizes: same bytes) and return their paths."""
-        out.mkdir(parents=True, exist_ok=True)
         split = self.problems()
         rng = random.Random(f"sort-near-miss-{self.seed}")
-        seeds = [{"message_tree_id": f"sort-{i}", "prompt": {"text": prompt_of(d), "role": "prompter", "replies": [
-            {"text": solution_of(d), "role": "assistant", "rank": 0},
-            {"text": near_miss(d, rng), "role": "assistant", "rank": 1}]}} for i, d in enumerate(split["seeds"])]
-        files = {"corpus": out / "corpus.txt", "seeds": out / "seeds.jsonl", "pool": out / "pool.jsonl",
-                 "test": out / "test.jsonl"}
-        files["corpus"].write_text("\n\n".join(self.corpus(set(split["test"]))) + "\n")
-        _jsonl(files["seeds"], seeds)
-        _jsonl(files["pool"], [{"prompt": prompt_of(d), "reference": "".join(sorted(d))} for d in split["pool"]])
-        _jsonl(files["test"], [{"prompt": prompt_of(d), "reference": "".join(sorted(d)), "digits": d}
-                               for d in split["test"]])
-        return files
+        seeds = [seed_tree(f"sort-{i}", prompt_of(d), solution_of(d), near_miss(d, rng))
+                 for i, d in enumerate(split["seeds"])]
+        return write_world(out, self.corpus(set(split["test"])), seeds,
+                           [{"prompt": prompt_of(d), "reference": solution_of(d)} for d in split["pool"]],
+                           [{"prompt": prompt_of(d), "reference": solution_of(d), "digits": d} for d in split["test"]])
+
+
+def seed_tree(tree_id: str, prompt: str, answer: str, near_miss: str) -> dict:
+    """A seed problem as an Open Assistant message tree: the true answer ranked 0 (IFT), a near miss ranked 1."""
+    return {"message_tree_id": tree_id, "prompt": {"text": prompt, "role": "prompter", "replies": [
+        {"text": answer, "role": "assistant", "rank": 0}, {"text": near_miss, "role": "assistant", "rank": 1}]}}
+
+
+def write_world(out: Path, corpus: list[str], seeds: list[dict], pool: list[dict], test: list[dict]) -> dict[str, Path]:
+    """A mini-world's four files under `out` (corpus.txt: documents apart by a blank line; seeds, pool and test as
+    JSON Lines); their paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"corpus": out / "corpus.txt", "seeds": out / "seeds.jsonl", "pool": out / "pool.jsonl",
+             "test": out / "test.jsonl"}
+    files["corpus"].write_text("\n\n".join(corpus) + "\n")
+    for name, rows in (("seeds", seeds), ("pool", pool), ("test", test)):
+        _jsonl(files[name], rows)
+    return files
 
 
 def _jsonl(path: Path, rows: list[dict]) -> None:

@@ -85,7 +85,7 @@ class ArithTask:
         return {"model": {"base": "tiny", "tiny": {"corpus": str(files["corpus"]) if "corpus" in files else None}}}
 
     def test_set(self, files: dict[str, Path]) -> list[dict]:
-        return aw.read_jsonl(files["test"])
+        return mw.read_jsonl(files["test"])
 
     def value(self, prompt: str, text: str, reference: str) -> float:
         return aw.exact_match(prompt, text, reference)
