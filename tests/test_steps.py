@@ -356,3 +356,19 @@ def test_step_pairs_prefer_a_chosen_chain_right_to_its_end_among_forks_as_deep(t
     signals = json.loads(pair["signals"])
     assert (pair["chosen_id"], pair["rejected_id"], signals["chosen"]["step"]) == ("c1", "c2", 1)
     assert (signals["chosen"]["worst_step"], signals["rejected"]["worst_step"]) == (1.0, 0.0)
+
+
+def test_the_shipped_r1_zero_config_loads_and_passes_preflight():
+    """configs/r1_zero.yaml: no SFT, GRPO with the outcome rule and step credit, on the shipped arithmetic prompts
+    (each parsed by the world's rules, with an instruction after the sum)."""
+    from flywheel.analysis import arithworld as aw
+    from flywheel.analysis.miniworld import read_jsonl
+    from flywheel.pipeline import preflight
+
+    cfg = load_config("configs/r1_zero.yaml")
+    preflight(cfg)
+    assert (cfg.sft.mode, cfg.train.trainer, cfg.steps.credit) == ("skip", "grpo", 1.0)
+    rows = read_jsonl(cfg.self_instruct.prompts_file)
+    assert len(rows) == 200 and all(aw.parse_prompt(r["prompt"]) for r in rows)
+    right = [aw.solution_of(aw.parse_prompt(r["prompt"])) for r in rows[:5]]
+    assert all(aw.exact_match(r["prompt"], y, r["reference"]) == 1.0 for r, y in zip(rows, right))

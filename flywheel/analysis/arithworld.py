@@ -46,7 +46,7 @@ from pydantic import Field, model_validator
 from ..config import _Section
 from .miniworld import seed_tree, write_world
 
-_PROMPT = re.compile(r"^\s*Compute (\d+)((?:[+-]\d+)+)\.\s*$")
+_PROMPT = re.compile(r"^\s*Compute (\d+)((?:[+-]\d+)+)\.(?:\s|$)")  # an instruction may follow
 _OP = re.compile(r"([+-])(\d+)")
 _STEP = re.compile(r"^\s*(-?\d+)\s*([+-])\s*(\d+)\s*=\s*(-?\d+)\s*$")
 _NUMBER = re.compile(r"-?\d+")
