@@ -19,12 +19,7 @@ from flywheel.registry import Registry
 from flywheel.stage import IterationState, StageContext
 from flywheel.stages.steps import online_step_rewards, split_steps, steps_at_tokens
 from flywheel.training import loops, online, ppo
-from flywheel.training.loops import (
-    StepCreditGRPOTrainer,
-    StepCreditRLOOTrainer,
-    grpo_train,
-    process_advantages,
-)
+from flywheel.training.loops import StepCreditGRPOTrainer, StepCreditRLOOTrainer, grpo_train, process_advantages
 from flywheel.training.ppo import add_step_rewards, ppo_train
 from tests.helpers.registry import register_arithmetic
 

@@ -35,13 +35,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache
 
-from ..config import (
-    ConfigError,
-    FlywheelConfig,
-    StepsConfig,
-    check_template,
-    content_hash,
-)
+from ..config import ConfigError, FlywheelConfig, StepsConfig, check_template, content_hash
 
 STEP_JUDGE_FIELDS = ("instruction", "previous_steps", "step")
 NO_PREVIOUS_STEPS = "(none: this is the first step)"

@@ -40,15 +40,7 @@ from accelerate.utils import gather_object
 from datasets import Dataset
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from trl import DPOConfig as TRLDPOConfig
-from trl import (
-    DPOTrainer,
-    GRPOConfig,
-    GRPOTrainer,
-    RLOOConfig,
-    RLOOTrainer,
-    SFTConfig,
-    SFTTrainer,
-)
+from trl import DPOTrainer, GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer, SFTConfig, SFTTrainer
 
 from .. import timing
 from ..stages.steps import steps_at_tokens

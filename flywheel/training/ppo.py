@@ -22,9 +22,10 @@ to its original dtype at the end.
 
 Step credit (opt-in, `steps.credit` > 0; off by default): a process reward beside the sequence score. `step_credit`
 (flywheel.stages.steps.online_step_rewards) scores the steps of each response text, one (end_char, value) per step;
-`weight * value` is added to the reward of the token holding the step's last character (`flywheel.stages.steps.steps_at_tokens`: the
-response's token ids decoded prefix by prefix, the `.strip()` of the text accounted for), so GAE credits each step
-where it ends. The step metrics then hold `step_reward` (mean step value) and `steps_per_response`.
+`weight * value` is added to the reward of the token holding the step's last character
+(`flywheel.stages.steps.steps_at_tokens`: the response's token ids decoded prefix by prefix, the `.strip()` of the
+text accounted for), so GAE credits each step where it ends. The step metrics then hold `step_reward` (mean step
+value) and `steps_per_response`.
 """
 
 from __future__ import annotations
@@ -44,13 +45,7 @@ from ..config import FlywheelConfig, PPOConfig
 from ..registry import Registry
 from ..registry.integrity import model_path
 from ..registry.reads import kept_prompts
-from ..signals import (
-    chat_prompt,
-    check_same_tokenizer,
-    coherent_rewards,
-    pad,
-    pad_id_of,
-)
+from ..signals import chat_prompt, check_same_tokenizer, coherent_rewards, pad, pad_id_of
 from ..stage import IterationState, StageContext, StageResult
 from ..stages.steps import online_step_rewards, steps_at_tokens
 from .common import coherent_models, train_stage
@@ -239,13 +234,7 @@ def _step(policy, ref_model, critic, optimizer, tokenizer, prompts, reward_fn, c
 def _progress_bar(enabled: bool, total: int):
     if not enabled:
         return None
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-    )
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    transient=True)
