@@ -66,26 +66,17 @@ class SortTask:
         return [(r["prompt"], r["reference"], mw.near_miss(r["digits"], rng), r["reference"]) for r in test[:n]]
 
 
-class ArithTask:
+class ArithTask(SortTask):
+    """As sort (the tiny model pretrained on the world's corpus, the test file as it is), with the arithmetic world's
+    problems, checker and step accuracy."""
     name = "arith"
-    metric = "exact match"
 
     @staticmethod
     def sizes_model():
         return aw.ArithSizes
 
-    def __init__(self, sizes: aw.ArithSizes):
-        self.world_sizes = sizes
-
     def write(self, seed: int, out: Path) -> dict[str, Path]:
         return aw.ArithWorld(self.world_sizes, seed).write(out)
-
-    def fixed_config(self, files: dict[str, Path]) -> dict:
-        """The tiny model pretrained on the world's corpus, as for sort."""
-        return {"model": {"base": "tiny", "tiny": {"corpus": str(files["corpus"]) if "corpus" in files else None}}}
-
-    def test_set(self, files: dict[str, Path]) -> list[dict]:
-        return mw.read_jsonl(files["test"])
 
     def value(self, prompt: str, text: str, reference: str) -> float:
         return aw.exact_match(prompt, text, reference)
